@@ -1,0 +1,133 @@
+"""Check a shard folder end to end and print a summary.
+
+Inputs: OUT_DIR made by ``make_shards`` or ``convert_pt_tiles``. Opens every sample of every
+shard with plain ``tarfile``, decodes the arrays, checks shapes, dtypes and finiteness of
+the radiance, that keys are unique, that per-shard counts equal ``sizes.json``, that totals
+equal the manifest, and that no granule is in both splits. Exit code 0 when everything
+holds, 1 on any problem (each printed with its shard and key).
+
+    python -m data_prep.inspect_shards data/shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tarfile
+from collections import Counter
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import samples
+from data_prep.util import read_json
+
+
+def iter_tar_samples(path: str):
+    """Group tar members by key (the name up to the first '.') in file order."""
+    cur: dict = {}
+    with tarfile.open(path, "r:") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            key, _, ext = base.partition(".")
+            if cur and cur["__key__"] != key:
+                yield cur
+                cur = {}
+            cur["__key__"] = key
+            cur[ext] = tf.extractfile(member).read()
+    if cur:
+        yield cur
+
+
+def inspect(out_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
+    problems: list[str] = []
+    sizes_path = os.path.join(out_dir, "sizes.json")
+    if not os.path.exists(sizes_path):
+        return {}, [f"{sizes_path}: missing"]
+    sizes = read_json(sizes_path)
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    manifest = read_json(manifest_path) if os.path.exists(manifest_path) else None
+    if manifest is None:
+        problems.append(f"{manifest_path}: missing")
+    on_disk = sorted(os.path.relpath(os.path.join(d, f), out_dir)
+                     for s in ("train", "val") for d, _, fs in os.walk(os.path.join(out_dir, s))
+                     for f in fs if f.endswith(".tar"))
+    for rel in sorted(set(on_disk) - set(sizes)):
+        problems.append(f"{rel}: shard on disk but not in sizes.json")
+    keys: Counter = Counter()
+    granules = {"train": set(), "val": set()}
+    per_split = Counter()
+    shape = None
+    nonfinite_l2 = 0
+    total_l2 = 0
+    for rel in tqdm(sorted(sizes), desc="shards", unit="shard", disable=not progress,
+                    file=sys.stderr):
+        path = os.path.join(out_dir, rel)
+        split = rel.split("/", 1)[0]
+        if not os.path.exists(path):
+            problems.append(f"{rel}: listed in sizes.json but missing")
+            continue
+        n = 0
+        try:
+            for raw in iter_tar_samples(path):
+                n += 1
+                try:
+                    s = samples.decode(raw, rel)
+                except samples.SampleError as e:
+                    problems.append(str(e))
+                    continue
+                keys[s["__key__"]] += 1
+                if shape is None:
+                    shape = s["l1"].shape
+                elif s["l1"].shape != shape:
+                    problems.append(f"{rel} sample '{s['__key__']}': l1 shape {s['l1'].shape} "
+                                    f"differs from {shape}")
+                if not np.isfinite(s["l1"]).all():
+                    problems.append(f"{rel} sample '{s['__key__']}': non-finite l1 values")
+                nonfinite_l2 += int((~np.isfinite(s["l2"])).sum())
+                total_l2 += s["l2"].size
+                granules.setdefault(split, set()).add(s["meta"].get("granule"))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            problems.append(f"{rel}: unreadable tar after {n} samples ({e})")
+        if n != sizes[rel]:
+            problems.append(f"{rel}: {n} samples, sizes.json says {sizes[rel]}")
+        per_split[split] += n
+    for k, c in keys.items():
+        if c > 1:
+            problems.append(f"sample key '{k}' appears {c} times")
+    both = granules["train"] & granules["val"]
+    if both:
+        problems.append(f"granules in both train and val: {sorted(both)}")
+    if manifest is not None:
+        want = manifest["counts"]["per_split"]
+        for s in ("train", "val"):
+            if want.get(s, 0) != per_split[s]:
+                problems.append(f"{s}: {per_split[s]} samples in shards, manifest says "
+                                f"{want.get(s, 0)}")
+    summary = {"shards": len(sizes), "samples": dict(per_split), "l1_shape": shape,
+               "l2_invalid_fraction": (nonfinite_l2 / total_l2) if total_l2 else None,
+               "granules": {s: len(g) for s, g in granules.items()}}
+    return summary, problems
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.inspect_shards",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", help="shard folder (with sizes.json and manifest.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    summary, problems = inspect(args.out_dir, not args.quiet)
+    print(f"{args.out_dir}: {summary.get('shards', 0)} shards, samples {summary.get('samples')}, "
+          f"l1 shape {summary.get('l1_shape')}, granules {summary.get('granules')}, "
+          f"L2 invalid fraction {summary.get('l2_invalid_fraction')}")
+    for pr in problems:
+        print(f"problem: {pr}", file=sys.stderr)
+    print("OK" if not problems else f"{len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""TEMPO granules -> normalised tiles -> WebDataset tar shards.
+
+Inputs: INPUT_DIR with RAD L1 and L2 (NO2, O3TOT, HCHO, CLDO4) granules, real or synthetic,
+searched recursively. Outputs in OUT_DIR:
+
+    train/*.tar, val/*.tar   WebDataset shards (sample format: data_prep/samples.py)
+    sizes.json               shard path relative to OUT_DIR -> number of samples
+    stats.json               normalisation stats of the training split (compute_stats)
+    manifest.json            every candidate tile: written, or dropped with its reason;
+                             every input file used or ignored; per-granule QA counts
+    plan.json                inputs and options of this run (a re-run must match it)
+
+Granules are split into train/val by a seeded permutation (no granule in both), grouped
+into work units of about one shard's worth of tiles, and units run in parallel. Each unit
+writes into ``.tmp/`` and moves finished shards into place before recording itself in
+``.done/``; a re-run skips finished units and redoes the rest, so an interrupted run
+completes without duplicates or lost tiles.
+
+    python -m data_prep.make_shards data/synthetic data/shards --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import compute_stats
+from data_prep.granule import ReadOptions, TileOptions, cut_tiles, read_granule, tile_positions
+from data_prep.samples import L1_DTYPE
+from data_prep.tempo import (L2_ORDER, GranuleFiles, TempoFileError, discover, find_files)
+from data_prep.util import atomic_write_json, read_json
+
+FORMAT = "tempo-vae-shards/1"
+SPLITS = ("train", "val")
+
+
+class OutputDirError(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GB, 500MB, 123456)")
+    mult = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m[2].lower()]
+    return int(float(m[1]) * mult)
+
+
+def split_granules(keys: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Deterministic granule-level split: a seeded permutation of the sorted keys."""
+    keys = sorted(keys)
+    n_val = int(round(len(keys) * val_fraction))
+    if val_fraction > 0 and len(keys) >= 2:
+        n_val = min(max(n_val, 1), len(keys) - 1)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    val = {keys[i] for i in order[:n_val]}
+    return {k: ("val" if k in val else "train") for k in keys}
+
+
+def _grid_shape(path: str, band: str) -> tuple[int, int, int] | None:
+    import netCDF4
+
+    try:
+        with netCDF4.Dataset(path) as ds:
+            return tuple(int(n) for n in ds.groups[band].variables["radiance"].shape)
+    except Exception:
+        return None
+
+
+@dataclasses.dataclass
+class Unit:
+    id: str
+    split: str
+    granules: list[str]
+
+
+def plan_units(granules: dict[str, GranuleFiles], split: dict[str, str], tile: TileOptions,
+               band: str, shard_bytes: int) -> list[Unit]:
+    units: list[Unit] = []
+    for s in SPLITS:
+        keys = sorted(k for k, v in split.items() if v == s)
+        cur: list[str] = []
+        size = 0.0
+        for k in keys:
+            shape = _grid_shape(granules[k].rad, band) if granules[k].rad else None
+            if shape is None:
+                est = 0.0
+            else:
+                m, x, c = shape
+                n = len(tile_positions(m, x, tile))
+                est = n * (c * tile.size**2 * np.dtype(L1_DTYPE).itemsize + 32 * tile.size**2)
+            if cur and size + est > shard_bytes:
+                units.append(Unit(f"{s}-{len([u for u in units if u.split == s]):05d}", s, cur))
+                cur, size = [], 0.0
+            cur.append(k)
+            size += est
+        if cur:
+            units.append(Unit(f"{s}-{len([u for u in units if u.split == s]):05d}", s, cur))
+    return units
+
+
+def _unit_files(out_dir: str, unit: Unit) -> list[str]:
+    return glob.glob(os.path.join(out_dir, unit.split, f"{unit.id}-*.tar"))
+
+
+def process_unit(out_dir: str, unit: Unit, granules: dict[str, GranuleFiles], mean, std,
+                 read_opts: ReadOptions, tile: TileOptions, shard_bytes: int,
+                 max_count: int) -> dict:
+    """Write one unit's shards and record it as done. Safe to re-run after a crash."""
+    import webdataset as wds
+
+    for f in _unit_files(out_dir, unit):
+        os.unlink(f)
+    tmp = os.path.join(out_dir, ".tmp", unit.id)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    counts: dict[str, int] = {}
+    records, reports, errors = [], {}, {}
+    writer = wds.ShardWriter(os.path.join(tmp, "%04d.tar"), maxcount=max_count,
+                             maxsize=shard_bytes, encoder=False, verbose=0)
+    try:
+        for key in unit.granules:
+            try:
+                ag = read_granule(granules[key], read_opts)
+            except TempoFileError as e:
+                errors[key] = str(e)
+                continue
+            reports[key] = ag.report | {"files": ag.files}
+            n_pos = 0
+            for rec, sample in cut_tiles(ag, mean, std, tile):
+                n_pos += 1
+                if sample is not None:
+                    writer.write(sample)
+                    name = os.path.basename(writer.fname)
+                    counts[name] = counts.get(name, 0) + 1
+                records.append(rec)
+            if n_pos == 0:
+                records.append({"key": None, "granule": key, "status": "dropped",
+                                "reason": "granule_smaller_than_tile",
+                                "grid": list(ag.radiance.shape[:2])})
+            del ag
+    finally:
+        writer.close()
+    shards = {}
+    for name in sorted(counts):
+        rel = f"{unit.split}/{unit.id}-{name}"
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, rel))
+        shards[rel] = counts[name]
+    shutil.rmtree(tmp, ignore_errors=True)
+    done = {"unit": unit.id, "split": unit.split, "granules": unit.granules, "shards": shards,
+            "records": records, "reports": reports, "errors": errors}
+    atomic_write_json(os.path.join(out_dir, ".done", f"{unit.id}.json"), done)
+    return done
+
+
+def _unit_job(args):
+    return process_unit(*args)
+
+
+def _check_out_dir(out_dir: str, plan: dict, overwrite: bool) -> None:
+    plan_path = os.path.join(out_dir, "plan.json")
+    if not os.path.exists(out_dir):
+        return
+    entries = [e for e in os.listdir(out_dir)]
+    if not entries:
+        return
+    if os.path.exists(plan_path):
+        old = read_json(plan_path)
+        if old == plan:
+            return
+        if not overwrite:
+            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            raise OutputDirError(
+                f"{out_dir} holds shards made from other inputs or options (differs in: "
+                f"{', '.join(diff)}); use a new folder or --overwrite")
+    elif not overwrite:
+        raise OutputDirError(f"{out_dir} is not empty and is not a shard folder of ours "
+                             f"({len(entries)} entries, no plan.json); use a new folder")
+    else:
+        raise OutputDirError(f"{out_dir} is not a shard folder of ours; refusing to delete it "
+                             "even with --overwrite")
+    for name in SPLITS + (".done", ".tmp"):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    for name in ("sizes.json", "manifest.json", "stats.json", "plan.json"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.unlink(os.path.join(out_dir, name))
+
+
+def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) -> dict:
+    sizes: dict[str, int] = {}
+    tiles, reports, errors = [], {}, {}
+    for u in units:
+        d = read_json(os.path.join(out_dir, ".done", f"{u.id}.json"))
+        sizes.update(d["shards"])
+        tiles.extend(d["records"])
+        reports.update(d["reports"])
+        errors.update(d["errors"])
+    dropped: dict[str, int] = {}
+    for r in tiles:
+        if r["status"] == "dropped":
+            dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
+    written = sum(1 for r in tiles if r["status"] == "written")
+    per_split = {s: sum(n for k, n in sizes.items() if k.startswith(s + "/")) for s in SPLITS}
+    manifest = {
+        "format": FORMAT,
+        "l2_order": list(L2_ORDER),
+        "l2_units": {"NO2": "molecules/cm^2", "O3TOT": "DU", "HCHO": "molecules/cm^2",
+                     "CLDO4": "1"},
+        "geo_order": ["latitude", "longitude", "sza", "vza"],
+        "options": plan["options"],
+        "splits": {s: sorted(k for k, v in split.items() if v == s) for s in SPLITS},
+        "counts": {"candidate_tiles": sum(1 for r in tiles if r["key"]),
+                   "written": written, "dropped": dropped, "per_split": per_split,
+                   "granules": len(split), "granule_errors": len(errors),
+                   "ignored_files": len(ignored)},
+        "granule_errors": errors,
+        "ignored_files": [{"path": p, "reason": r} for p, r in ignored],
+        "granules": reports,
+        "tiles": tiles,
+    }
+    atomic_write_json(os.path.join(out_dir, "sizes.json"), dict(sorted(sizes.items())))
+    atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    return manifest
+
+
+def run(args) -> int:
+    read_opts = ReadOptions(band=args.band, mirror_step_policy=args.mirror_step_policy,
+                            require_products=args.require_products)
+    tile = TileOptions(args.tile_size, args.stride or args.tile_size, args.min_valid_fraction,
+                       args.max_bad_channel_fraction)
+    if not os.path.isdir(args.input_dir):
+        print(f"error: input folder {args.input_dir} does not exist", file=sys.stderr)
+        return 2
+    files = find_files(args.input_dir)
+    found, ignored = discover(files)
+    for g in list(found.values()):
+        if g.rad is None:
+            for p in g.l2.values():
+                ignored.append((p, f"no RAD L1 file for granule {g.gid.key}"))
+            del found[g.gid]
+    granules = {g.gid.key: g for g in found.values()}
+    if not granules:
+        print(f"error: no granule with a RAD L1 file in {args.input_dir} "
+              f"({len(files)} files looked at)", file=sys.stderr)
+        return 2
+    split = split_granules(list(granules), args.val_fraction, args.seed)
+    plan = {"format": FORMAT, "inputs": sorted(os.path.relpath(f, args.input_dir)
+                                               for g in granules.values()
+                                               for f in [g.rad, *g.l2.values()]),
+            "options": {"tile": dataclasses.asdict(tile), "read": dataclasses.asdict(read_opts),
+                        "val_fraction": args.val_fraction, "seed": args.seed,
+                        "shard_bytes": args.shard_size, "max_samples_per_shard":
+                            args.max_samples_per_shard,
+                        "stats": os.path.abspath(args.stats) if args.stats else None}}
+    try:
+        _check_out_dir(args.out_dir, plan, args.overwrite)
+    except OutputDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out_dir, exist_ok=True)
+    for s in SPLITS + (".done",):
+        os.makedirs(os.path.join(args.out_dir, s), exist_ok=True)
+    atomic_write_json(os.path.join(args.out_dir, "plan.json"), plan)
+    t0 = time.time()
+
+    stats_path = os.path.join(args.out_dir, "stats.json")
+    if args.stats:
+        stats = read_json(args.stats)
+        atomic_write_json(stats_path, stats)
+    elif os.path.exists(stats_path):
+        stats = read_json(stats_path)
+    else:
+        train = [granules[k] for k, v in split.items() if v == "train"]
+        st, errs = compute_stats.compute(train, read_opts, args.workers, progress=not args.quiet)
+        for k, e in errs.items():
+            print(f"warning: stats skip granule {k}: {e}", file=sys.stderr)
+        if st is None:
+            print("error: no training granule could be read; nothing written", file=sys.stderr)
+            return 1
+        stats = st.to_json()
+        atomic_write_json(stats_path, stats)
+    mean = np.asarray(stats["l1"]["mean"], np.float32)
+    std = np.asarray(stats["l1"]["std"], np.float32)
+
+    units = plan_units(granules, split, tile, args.band, args.shard_size)
+    todo = []
+    for u in units:
+        marker = os.path.join(args.out_dir, ".done", f"{u.id}.json")
+        if os.path.exists(marker) and not read_json(marker)["errors"]:
+            continue
+        todo.append(u)
+    skipped = len(units) - len(todo)
+    if skipped and not args.quiet:
+        print(f"resuming: {skipped} of {len(units)} work units already done")
+    jobs = [(args.out_dir, u, granules, mean, std, read_opts, tile, args.shard_size,
+             args.max_samples_per_shard) for u in todo]
+    with (mp.get_context("spawn").Pool(args.workers) if args.workers > 1 and len(jobs) > 1
+          else compute_stats._Inline()) as pool:
+        for _ in tqdm(pool.imap_unordered(_unit_job, jobs), total=len(jobs), desc="shards",
+                      unit="unit", disable=args.quiet, file=sys.stderr):
+            pass
+    shutil.rmtree(os.path.join(args.out_dir, ".tmp"), ignore_errors=True)
+    man = build_manifest(args.out_dir, plan, units, ignored, split)
+    c = man["counts"]
+    print(f"{c['written']} tiles written ({c['per_split']['train']} train, "
+          f"{c['per_split']['val']} val) of {c['candidate_tiles']} candidates from "
+          f"{c['granules']} granules in {time.time() - t0:.1f}s; dropped: "
+          f"{json.dumps(c['dropped'])}; ignored files: {c['ignored_files']}; "
+          f"granule errors: {c['granule_errors']}")
+    for k, e in man["granule_errors"].items():
+        print(f"error: granule {k}: {e}", file=sys.stderr)
+    return 1 if man["granule_errors"] else 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m data_prep.make_shards",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input_dir", help="folder with TEMPO granules (searched recursively)")
+    p.add_argument("out_dir", help="folder for shards, stats and manifest")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
+                   help="target bytes per shard")
+    p.add_argument("--max-samples-per-shard", type=int, default=100000)
+    p.add_argument("--tile-size", type=int, default=64)
+    p.add_argument("--stride", type=int, default=None, help="tile stride (default: tile size)")
+    p.add_argument("--min-valid-fraction", type=float, default=TileOptions.min_valid_fraction,
+                   help="drop tiles with fewer valid L1 pixels than this")
+    p.add_argument("--max-bad-channel-fraction", type=float,
+                   default=TileOptions.max_bad_channel_fraction,
+                   help="a pixel with more invalid channels than this is invalid")
+    p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=42, help="seed of the train/val split")
+    p.add_argument("--stats", default=None, help="use this stats JSON instead of computing it")
+    p.add_argument("--band", default=ReadOptions.band)
+    p.add_argument("--mirror-step-policy", choices=("trim", "error"), default="trim",
+                   help="L1/L2 with different mirror-step counts: use common rows, or fail")
+    p.add_argument("--require-products", action="store_true",
+                   help="a granule missing any L2 product is an error (default: NaN targets)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards made with other options in OUT_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.tile_size < 1 or (args.stride is not None and args.stride < 1):
+        p.error("--tile-size and --stride must be >= 1")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Spectroscopy and a small radiative model for synthetic TEMPO radiances.
+
+Radiance per pixel and channel (photons s^-1 cm^-2 nm^-1 sr^-1):
+
+    I = F0(l) * mu0 / pi * R(l) * exp(-sum_i sigma_i(l) * S_i)
+
+with R the sum of a single-scattering Rayleigh path reflectance and surface and cloud
+reflectances attenuated by Rayleigh extinction (tau_R = 0.0088 * l_um^-4.05 * p/1013),
+and S_i the slant columns of NO2 (troposphere and stratosphere), O3, HCHO and O2-O2
+(whose column scales with the square of the pressure of the reflecting level, so it sees
+the cloud pressure). Cross-sections and the solar spectrum are convolved with a Gaussian
+slit on a fine grid and sampled at each cross-track position's wavelengths. The
+absorption-after-convolution error (the "I0 effect") is ignored.
+
+Spectra come from real laboratory files (``Spectra.from_dir``, the format of the project's
+reference data) or from analytic built-in shapes (``Spectra.analytic``) that have the right
+magnitudes and band structure but are not measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+DU = 2.6867e16  # molecules/cm^2 per Dobson unit
+O4_COLUMN_SURFACE = 1.35e43  # molecules^2/cm^5, O2-O2 vertical column at 1013 hPa
+FINE_STEP_NM = 0.02
+
+
+@dataclasses.dataclass
+class Spectra:
+    """Absorption cross-sections (cm^2/molecule; O4 in cm^5/molecule^2) and solar flux
+    on a common fine wavelength grid (nm)."""
+
+    wl: np.ndarray
+    no2: np.ndarray
+    o3: np.ndarray
+    hcho: np.ndarray
+    o4: np.ndarray
+    solar: np.ndarray
+    source: str
+
+    @staticmethod
+    def fine_grid(lo: float = 285.0, hi: float = 495.0) -> np.ndarray:
+        return np.arange(lo, hi + FINE_STEP_NM / 2, FINE_STEP_NM)
+
+    @classmethod
+    def analytic(cls, lo: float = 285.0, hi: float = 495.0) -> Spectra:
+        wl = cls.fine_grid(lo, hi)
+        # NO2: broad visible band with ~5.5 nm vibronic structure, ~5e-19 cm^2 near 410 nm.
+        no2 = 4.5e-19 * np.exp(-(((wl - 420.0) / 75.0) ** 2)) * (
+            1.0 + 0.35 * np.sin(2 * np.pi * (wl - 300.0) / 5.6))
+        # O3: Huggins bands, log-linear decay from ~1.5e-18 at 290 nm, 3.5 nm structure.
+        o3 = 10.0 ** (-17.8 - 0.065 * (wl - 290.0)) * (
+            1.0 + 0.25 * np.sin(2 * np.pi * (wl - 290.0) / 3.5))
+        o3 = np.maximum(o3, 0.0) + 1e-23 * np.exp(-(((wl - 600.0) / 80.0) ** 2))
+        # HCHO: banded 300-360 nm absorption, ~5e-20 cm^2 peaks, zero above ~370 nm.
+        hcho = 3.5e-20 * np.exp(-(((wl - 328.0) / 22.0) ** 2)) * np.maximum(
+            0.0, 1.0 + 0.85 * np.sin(2 * np.pi * (wl - 301.0) / 7.4))
+        # O2-O2 collision-induced bands (centre nm, peak cm^5/molecule^2, sigma nm).
+        o4 = np.zeros_like(wl)
+        for c, a, w in ((343.9, 0.9e-46, 1.3), (360.9, 4.1e-46, 1.5), (380.3, 2.4e-46, 1.5),
+                        (446.8, 0.8e-46, 2.0), (477.2, 6.4e-46, 1.9)):
+            o4 += a * np.exp(-0.5 * ((wl - c) / w) ** 2)
+        return cls(wl, no2, o3, hcho, o4, analytic_solar(wl), "analytic")
+
+    @classmethod
+    def from_dir(cls, path: str, lo: float = 285.0, hi: float = 495.0,
+                 o3_temperature_k: float = 225.0) -> Spectra:
+        """Read real cross-sections and the SAO2010 solar spectrum from ``path``.
+
+        Expected files (whitespace columns; '#'/'*' headers): ``no2r_97.nm``,
+        ``o3abs_brion_195_660_vacfinal.dat`` (c0 c1 c2 in 1e-20 cm^2),
+        ``H2CO_Meller_Moortgat_MPI.txt``, ``O4_294K_BISA.dat``, ``sao2010_solref_vac.dat``.
+        Missing files fall back to the analytic shape for that species.
+        """
+        wl = cls.fine_grid(lo, hi)
+        base = cls.analytic(lo, hi)
+        used = []
+
+        def load(name: str, ncols: int = 2):
+            p = os.path.join(path, name)
+            if not os.path.exists(p):
+                return None
+            used.append(name)
+            return read_columns(p, ncols)
+
+        def on_grid(cols, y):
+            return np.interp(wl, cols[:, 0], y, left=0.0, right=0.0)
+
+        no2 = load("no2r_97.nm")
+        o3 = load("o3abs_brion_195_660_vacfinal.dat", 4)
+        hcho = load("H2CO_Meller_Moortgat_MPI.txt")
+        o4 = load("O4_294K_BISA.dat")
+        sol = load("sao2010_solref_vac.dat")
+        if not used:
+            raise FileNotFoundError(f"no known cross-section or solar files in {path}")
+        dtk = o3_temperature_k - 273.15
+        return cls(
+            wl,
+            on_grid(no2, no2[:, 1]) if no2 is not None else base.no2,
+            on_grid(o3, (o3[:, 1] + o3[:, 2] * dtk + o3[:, 3] * dtk**2) * 1e-20)
+            if o3 is not None else base.o3,
+            np.maximum(on_grid(hcho, hcho[:, 1]), 0.0) if hcho is not None else base.hcho,
+            np.maximum(on_grid(o4, o4[:, 1]), 0.0) if o4 is not None else base.o4,
+            on_grid(sol, sol[:, 1]) if sol is not None else base.solar,
+            "files:" + ",".join(used),
+        )
+
+
+def read_columns(path: str, ncols: int) -> np.ndarray:
+    """Numeric rows of a whitespace-separated text file (headers and odd lines skipped)."""
+    rows = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < ncols or line.lstrip()[:1] in ("#", "*", "!"):
+                continue
+            try:
+                rows.append([float(p) for p in parts[:ncols]])
+            except ValueError:
+                continue
+    if not rows:
+        raise ValueError(f"{path}: no numeric rows with {ncols} columns")
+    a = np.asarray(rows, dtype=np.float64)
+    return a[np.argsort(a[:, 0], kind="stable")]
+
+
+def analytic_solar(wl: np.ndarray) -> np.ndarray:
+    """Photon flux at 1 AU (photons s^-1 cm^-2 nm^-1): a 5778 K Planck shape scaled to
+    ~4.5e14 at 450 nm, with fixed Fraunhofer lines (Ca II K/H, Balmer, and a
+    deterministic forest of weaker lines)."""
+    h, c, k = 6.62607e-34, 2.99792e8, 1.380649e-23
+    lam = wl * 1e-9
+    shape = 1.0 / lam**4 / np.expm1(h * c / (lam * k * 5778.0))
+    ref = 1.0 / (450e-9) ** 4 / np.expm1(h * c / (450e-9 * k * 5778.0))
+    flux = 4.5e14 * shape / ref
+    # below ~400 nm the real Sun is much darker than a blackbody (line blanketing)
+    flux *= 0.55 + 0.45 / (1.0 + np.exp(-(wl - 385.0) / 12.0))
+    depth = np.zeros_like(wl)
+    for centre, d, w in ((393.37, 0.9, 0.9), (396.85, 0.85, 0.8), (410.17, 0.5, 0.4),
+                         (434.05, 0.55, 0.4), (486.13, 0.6, 0.45), (430.8, 0.45, 0.3),
+                         (382.0, 0.5, 0.5), (358.1, 0.5, 0.5)):
+        depth = np.maximum(depth, d * np.exp(-0.5 * ((wl - centre) / w) ** 2))
+    rng = np.random.default_rng(20250914)  # fixed: the same solar lines in every dataset
+    for centre in rng.uniform(wl[0], wl[-1], 400):
+        d, w = rng.uniform(0.05, 0.45), rng.uniform(0.03, 0.12)
+        depth = np.maximum(depth, d * np.exp(-0.5 * ((wl - centre) / w) ** 2))
+    return flux * (1.0 - depth)
+
+
+def slit_convolve(wl: np.ndarray, y: np.ndarray, fwhm_nm: float) -> np.ndarray:
+    """Convolve a uniformly sampled spectrum with a normalised Gaussian slit."""
+    step = wl[1] - wl[0]
+    sigma = fwhm_nm / 2.3548
+    half = int(np.ceil(4 * sigma / step))
+    x = np.arange(-half, half + 1) * step
+    kern = np.exp(-0.5 * (x / sigma) ** 2)
+    kern /= kern.sum()
+    return np.convolve(np.pad(y, half, mode="edge"), kern, mode="valid")
+
+
+def sample(spectra: Spectra, target_wl: np.ndarray, fwhm_nm: float) -> dict[str, np.ndarray]:
+    """Slit-convolved spectra sampled at target wavelengths (any shape, e.g. (X, C))."""
+    out = {}
+    for name in ("no2", "o3", "hcho", "o4", "solar"):
+        conv = slit_convolve(spectra.wl, getattr(spectra, name), fwhm_nm)
+        out[name] = np.interp(target_wl.ravel(), spectra.wl, conv).reshape(target_wl.shape)
+    return out
+
+
+def rayleigh_tau(wl_nm: np.ndarray) -> np.ndarray:
+    """Rayleigh optical depth of a 1013 hPa atmosphere."""
+    return 0.0088 * (wl_nm / 1000.0) ** -4.05
+
+
+def radiance(sampled: dict[str, np.ndarray], wl: np.ndarray, f: dict[str, np.ndarray]) -> np.ndarray:
+    """Top-of-atmosphere radiance (M, X, C) float32 from the fields ``f`` (each (M, X)).
+
+    ``sampled`` holds (X, C) spectra from :func:`sample`, ``wl`` is (X, C) nm. Field keys:
+    sza, vza, raa (deg), albedo, cloud_fraction, cloud_pressure, surface_pressure (hPa),
+    no2_trop, no2_strat, hcho (molecules/cm^2), o3 (DU).
+    """
+    mu0 = np.cos(np.radians(f["sza"]))[..., None]  # (M, X, 1)
+    mu = np.cos(np.radians(f["vza"]))[..., None]
+    s0, s = np.sqrt(1 - mu0**2), np.sqrt(1 - mu**2)
+    cos_scat = -mu0 * mu + s0 * s * np.cos(np.radians(f["raa"]))[..., None]
+    phase = 0.75 * (1.0 + cos_scat**2)
+    amf = 1.0 / mu0 + 1.0 / mu
+    cf = f["cloud_fraction"][..., None]
+    ps = f["surface_pressure"][..., None] / 1013.25
+    pc = f["cloud_pressure"][..., None] / 1013.25
+    tau_r = rayleigh_tau(wl)[None].astype(np.float32)  # (1, X, C)
+    ext_s = np.exp(-tau_r * (amf * ps))
+    ext_c = np.exp(-tau_r * (amf * pc))
+    rho_ray = phase / (4.0 * (mu + mu0)) * (1.0 - ext_s)
+    refl = rho_ray + (1 - cf) * f["albedo"][..., None] * ext_s + cf * 0.8 * ext_c
+    # tropospheric absorbers are partly shielded by clouds and seen with a smaller AMF
+    amf_trop = amf * (0.6 * (1 - cf) + 0.15 * cf)
+    o4_col = O4_COLUMN_SURFACE * ((1 - cf) * ps**2 + cf * pc**2)
+    tau = (sampled["no2"][None] * (f["no2_trop"][..., None] * amf_trop
+                                   + f["no2_strat"][..., None] * amf)
+           + sampled["o3"][None] * (f["o3"][..., None] * DU * amf)
+           + sampled["hcho"][None] * (f["hcho"][..., None] * amf_trop)
+           + sampled["o4"][None] * (o4_col * amf))
+    rad = sampled["solar"][None] * mu0 / np.pi * refl * np.exp(-tau)
+    return rad.astype(np.float32)
