@@ -14,7 +14,6 @@ results are computed per granule in parallel and merged exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import sys
 

@@ -12,8 +12,15 @@ import numpy as np
 
 from data_prep import samples
 from data_prep.stats import Z_CLIP, log_radiance
-from data_prep.tempo import (L1_BAND, L2_ORDER, TIME_EPOCH, GranuleFiles, TempoFileError,
-                             read_l1, read_l2)
+from data_prep.tempo import (
+    L1_BAND,
+    L2_ORDER,
+    TIME_EPOCH,
+    GranuleFiles,
+    TempoFileError,
+    read_l1,
+    read_l2,
+)
 
 
 @dataclasses.dataclass(frozen=True)

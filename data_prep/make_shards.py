@@ -38,7 +38,7 @@ from tqdm import tqdm
 from data_prep import compute_stats
 from data_prep.granule import ReadOptions, TileOptions, cut_tiles, read_granule, tile_positions
 from data_prep.samples import L1_DTYPE
-from data_prep.tempo import (L2_ORDER, GranuleFiles, TempoFileError, discover, find_files)
+from data_prep.tempo import L2_ORDER, GranuleFiles, TempoFileError, discover, find_files
 from data_prep.util import atomic_write_json, read_json
 
 FORMAT = "tempo-vae-shards/1"
@@ -128,7 +128,8 @@ def process_unit(out_dir: str, unit: Unit, granules: dict[str, GranuleFiles], me
     counts: dict[str, int] = {}
     records, reports, errors = [], {}, {}
     writer = wds.ShardWriter(os.path.join(tmp, "%04d.tar"), maxcount=max_count,
-                             maxsize=shard_bytes, encoder=False, verbose=0)
+                             maxsize=shard_bytes, encoder=False, verbose=0,
+                             mtime=0.0)  # fixed mtime: identical inputs give identical bytes
     try:
         for key in unit.granules:
             try:

@@ -27,8 +27,14 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import physics
-from data_prep.tempo import (FLOAT_FILL, INT16_FILL, L1_BAND, GranuleId, file_name,
-                             seconds_since_epoch)
+from data_prep.tempo import (
+    FLOAT_FILL,
+    INT16_FILL,
+    L1_BAND,
+    GranuleId,
+    file_name,
+    seconds_since_epoch,
+)
 
 PRODUCT_TITLES = {"NO2": "nitrogen dioxide", "O3TOT": "total ozone", "HCHO": "formaldehyde",
                   "CLDO4": "cloud"}

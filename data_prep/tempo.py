@@ -47,8 +47,8 @@ class L2Product:
     name: str
     variable: str  # path inside the file, "group/var"
     units: str
-    qa_variable: str
-    qa_max_good: int  # a pixel is kept when 0 <= flag <= qa_max_good
+    qa_variable: str | None  # None: no quality flag (e.g. subsetted files)
+    qa_max_good: int = 0  # a pixel is kept when 0 <= flag <= qa_max_good
 
 
 L2_PRODUCTS: dict[str, L2Product] = {
@@ -256,9 +256,12 @@ class L2Field:
     attrs: dict
 
 
-def read_l2(path: str, product: str, qa_max_good: int | None = None) -> L2Field:
-    """Read one L2 product; fill and QA failures become NaN (negative columns are kept)."""
-    spec = L2_PRODUCTS[product]
+def read_l2(path: str, product: str, qa_max_good: int | None = None,
+            spec: L2Product | None = None) -> L2Field:
+    """Read one L2 product; fill and QA failures become NaN (negative columns are kept).
+
+    ``spec`` overrides where the product lives (default ``L2_PRODUCTS[product]``)."""
+    spec = spec or L2_PRODUCTS[product]
     ds = _open(path)
     try:
         attrs = {k: ds.getncattr(k) for k in ds.ncattrs()}
@@ -269,11 +272,14 @@ def read_l2(path: str, product: str, qa_max_good: int | None = None) -> L2Field:
             raise TempoFileError(path, f"'{spec.variable}' has shape {vals.shape}, expected "
                                        "(mirror_step, xtrack)")
         fill_mask = _float_invalid(vals, fill)
-        qa = _read(ds, spec.qa_variable, path).astype(np.int64)
-        if qa.shape != vals.shape:
-            raise TempoFileError(path, f"'{spec.qa_variable}' shape {qa.shape} != {vals.shape}")
-        limit = spec.qa_max_good if qa_max_good is None else qa_max_good
-        qa_bad = ((qa < 0) | (qa > limit)) & ~fill_mask
+        if spec.qa_variable is None:
+            qa_bad = np.zeros(vals.shape, bool)
+        else:
+            qa = _read(ds, spec.qa_variable, path).astype(np.int64)
+            if qa.shape != vals.shape:
+                raise TempoFileError(path, f"'{spec.qa_variable}' shape {qa.shape} != {vals.shape}")
+            limit = spec.qa_max_good if qa_max_good is None else qa_max_good
+            qa_bad = ((qa < 0) | (qa > limit)) & ~fill_mask
         vals[fill_mask | qa_bad] = np.nan
         return L2Field(path, product, vals, int(fill_mask.sum()), int(qa_bad.sum()), attrs)
     finally:
