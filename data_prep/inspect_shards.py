@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tarfile
 from collections import Counter
 
 import numpy as np
@@ -25,21 +24,8 @@ from data_prep.util import read_json
 
 
 def iter_tar_samples(path: str):
-    """Group tar members by key (the name up to the first '.') in file order."""
-    cur: dict = {}
-    with tarfile.open(path, "r:") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            key, _, ext = base.partition(".")
-            if cur and cur["__key__"] != key:
-                yield cur
-                cur = {}
-            cur["__key__"] = key
-            cur[ext] = tf.extractfile(member).read()
-    if cur:
-        yield cur
+    """Raw samples of one shard (see ``samples.iter_tar``)."""
+    return samples.iter_tar(path)
 
 
 def inspect(out_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
@@ -90,8 +76,8 @@ def inspect(out_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
                 nonfinite_l2 += int((~np.isfinite(s["l2"])).sum())
                 total_l2 += s["l2"].size
                 granules.setdefault(split, set()).add(s["meta"].get("granule"))
-        except (tarfile.TarError, OSError, EOFError) as e:
-            problems.append(f"{rel}: unreadable tar after {n} samples ({e})")
+        except samples.ShardError as e:
+            problems.append(f"{rel}: after {n} samples: {e}")
         if n != sizes[rel]:
             problems.append(f"{rel}: {n} samples, sizes.json says {sizes[rel]}")
         per_split[split] += n

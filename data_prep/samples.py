@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tarfile
 
 import numpy as np
 
@@ -28,6 +30,45 @@ FLOAT16_REL_ERROR = 2.0**-11
 
 class SampleError(ValueError):
     """A sample that cannot be decoded; the message names the shard and key."""
+
+    def __init__(self, message: str, reason: str = "bad_sample"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class ShardError(SampleError):
+    """A shard that cannot be read on (truncated, not a tar)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "unreadable_shard")
+
+
+def iter_tar(path: str):
+    """Yield raw samples ``{"__key__": key, ext: bytearray, ...}`` of a tar shard in file
+    order, reading each member once into a writable buffer (no further copies). Members
+    are grouped by key, the file name up to its first '.'."""
+    cur: dict = {}
+    key = None
+    try:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key, _, ext = base.partition(".")
+                if cur and cur["__key__"] != key:
+                    yield cur
+                    cur = {}
+                cur["__key__"] = key
+                buf = bytearray(member.size)
+                f = tf.extractfile(member)
+                if f.readinto(buf) != member.size:
+                    raise EOFError(f"member {member.name} is short")
+                cur[ext] = buf
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{path}: unreadable tar shard after key '{key}' ({e})") from None
+    if cur:
+        yield cur
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -50,7 +91,7 @@ def npy_array(data: bytes | bytearray | memoryview, where: str = "") -> np.ndarr
         count = int(np.prod(shape)) if shape else 1
         arr = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell())
     except Exception as e:  # numpy raises several types for bad headers
-        raise SampleError(f"{where}: not a valid .npy array ({e})") from None
+        raise SampleError(f"{where}: not a valid .npy array ({e})", "bad_array") from None
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
@@ -70,19 +111,21 @@ def decode(sample: dict, where: str = "") -> dict:
     here = f"{where} sample '{key}'"
     missing = [k for k in SAMPLE_KEYS if k not in sample]
     if missing:
-        raise SampleError(f"{here}: missing members {missing}")
+        raise SampleError(f"{here}: missing members {missing}", "missing_members")
     l1 = npy_array(sample[L1_KEY], f"{here} {L1_KEY}")
     l2 = npy_array(sample[L2_KEY], f"{here} {L2_KEY}")
     geo = npy_array(sample[GEO_KEY], f"{here} {GEO_KEY}")
     if l1.ndim != 3 or l1.dtype != L1_DTYPE:
-        raise SampleError(f"{here}: l1 has shape {l1.shape} dtype {l1.dtype}, want (C,H,W) float16")
+        raise SampleError(f"{here}: l1 has shape {l1.shape} dtype {l1.dtype}, want (C,H,W) "
+                          "float16", "bad_array")
     if l2.shape != (4,) + l1.shape[1:] or l2.dtype != L2_DTYPE:
         raise SampleError(f"{here}: l2 has shape {l2.shape} dtype {l2.dtype}, want "
-                          f"{(4,) + l1.shape[1:]} float32")
+                          f"{(4,) + l1.shape[1:]} float32", "bad_array")
     if geo.shape != (4,) + l1.shape[1:]:
-        raise SampleError(f"{here}: geo has shape {geo.shape}, want {(4,) + l1.shape[1:]}")
+        raise SampleError(f"{here}: geo has shape {geo.shape}, want {(4,) + l1.shape[1:]}",
+                          "bad_array")
     try:
         meta = json.loads(bytes(sample[META_KEY]))
     except ValueError as e:
-        raise SampleError(f"{here}: json member is not valid JSON ({e})") from None
+        raise SampleError(f"{here}: json member is not valid JSON ({e})", "bad_json") from None
     return {"__key__": key, "l1": l1, "l2": l2, "geo": geo, "meta": meta}

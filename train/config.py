@@ -1,0 +1,284 @@
+"""Typed, strict run configuration: nested dataclasses, YAML, dotted overrides.
+
+    cfg = load_config("configs/training/demo.yaml", ["optim.lr=3e-4", "train.steps=50"])
+
+Unknown keys and values of the wrong type raise ``ConfigError`` naming the key. Every
+field carries its documentation (``python train/main.py --help-config`` prints it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def F(default: Any, doc: str):
+    """A config field with documentation; lists get a fresh copy per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class DataConfig:
+    shards: str = F("data/shards", "shard folder made by data_prep.make_shards (sizes.json, "
+                                   "stats.json, train/, val/)")
+    batch_size: int = F(8, "tiles per micro-batch per rank")
+    num_workers: int = F(2, "DataLoader worker processes per rank (0: read in the main process)")
+    mode: str = F("epoch", "'epoch': each training sample once per epoch; 'resampled': shards "
+                           "drawn with replacement, endless")
+    samples_per_epoch: int = F(0, "resampled mode: nominal epoch length in samples (0: the "
+                                  "number of training samples)")
+    shuffle_buffer: int = F(64, "samples held in each worker's shuffle buffer")
+    shuffle_initial: int = F(32, "samples buffered before the first one is emitted")
+    augment: bool = F(True, "random flips / 90-degree rotations of training tiles")
+    seed: int = F(0, "seed of shard order, shuffle buffers and augmentation")
+    pin_memory: bool = F(False, "pin batch memory (GPU runs)")
+    prefetch_factor: int = F(2, "batches prefetched per worker")
+    on_error: str = F("raise", "bad sample or shard: 'raise' stops naming shard and key; "
+                               "'skip' goes on and counts it per reason")
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = F(1028, "spectral channels of the input tiles")
+    channels: list[int] = F([512, 256, 128], "encoder widths per level, from the input "
+                                             "resolution down; the spatial size halves between "
+                                             "levels (decoder mirrors it)")
+    num_res_blocks: int = F(1, "ResNet blocks per level")
+    attn_resolutions: list[int] = F([], "spatial sizes at which encoder/decoder levels get "
+                                        "self-attention (the research model: none)")
+    mid_attention: bool = F(True, "self-attention in the middle block")
+    attn_heads: int = F(4, "attention heads")
+    norm_groups: int = F(8, "GroupNorm groups")
+    norm_eps: float = F(1e-6, "GroupNorm epsilon")
+    activation: str = F("gelu", "gelu | silu | relu")
+    latent_channels: int = F(32, "latent channels")
+    double_z: bool = F(True, "encoder predicts mean and log-variance (a VAE); false: plain AE")
+    logvar_min: float = F(-30.0, "posterior log-variance clamp, low")
+    logvar_max: float = F(20.0, "posterior log-variance clamp, high")
+    head_hidden: list[int] = F([512, 512], "L2 head hidden widths (1x1 convolutions)")
+    head_outputs: int = F(4, "L2 products predicted (NO2, O3TOT, HCHO, CLDO4)")
+    tile_size: int = F(64, "input tile height/width (for FLOP counting and checks)")
+
+
+@dataclass
+class LossConfig:
+    recon: str = F("l1", "reconstruction loss: l1 | l2")
+    logvar_init: float = F(6.0, "initial learned log-variance of the reconstruction (0 fixes "
+                                "nothing; see learn_logvar)")
+    learn_logvar: bool = F(True, "learn the scalar reconstruction log-variance")
+    kl_weight: float = F(1e-6, "weight of the KL term")
+    l2_weights: list[float] = F([0.1, 0.1, 0.1, 0.1], "weight per product (NO2, O3TOT, HCHO, "
+                                                      "CLDO4); all 0: unsupervised")
+    l2_min_valid_fraction: float = F(0.5, "a latent cell gets a target if at least this "
+                                          "fraction of its pixels is valid")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(1e-4, "peak learning rate")
+    betas: list[float] = F([0.9, 0.95], "AdamW betas")
+    weight_decay: float = F(0.05, "AdamW weight decay")
+    eps: float = F(1e-8, "AdamW epsilon")
+    warmup_steps: int = F(0, "linear warmup steps")
+    min_lr_ratio: float = F(0.1, "cosine decay floor as a fraction of lr")
+    schedule: str = F("cosine", "cosine | constant")
+    grad_clip: float = F(1.0, "gradient norm clip (0: off); under DeepSpeed its "
+                              "gradient_clipping")
+    grad_accum: int = F(1, "micro-batches per optimizer step")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = F("runs/default", "run folder: checkpoints, TensorBoard logs, config")
+    steps: int = F(1000, "optimizer steps to train")
+    seed: int = F(0, "seed of model initialisation and posterior sampling")
+    log_every: int = F(10, "steps between log lines / scalars")
+    val_every: int = F(200, "steps between validations (0: only at the end)")
+    val_batches: int = F(0, "validation batches per rank (0: the whole validation split)")
+    ckpt_every: int = F(500, "steps between checkpoints (0: only at the end)")
+    keep_last: int = F(3, "checkpoints kept")
+    resume: str = F("", "'' (fresh), 'latest', or a checkpoint folder")
+    image_every: int = F(0, "steps between TensorBoard images (0: at validation)")
+    peak_tflops: float = F(0.0, "device bf16 peak TFLOP/s for MFU (0: from the device name)")
+    on_nonfinite: str = F("raise", "non-finite loss/grad: 'raise' (stop, naming the term and "
+                                   "keys) or 'skip' (skip the step, counted)")
+    progress: bool = F(True, "progress bar on the main process")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errs = []
+        for t in typing.get_args(tp):
+            try:
+                return _check(value, t, key)
+            except ConfigError as e:
+                errs.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} "
+                          f"(in {where}; known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _check(value, tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    cur[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse {raw!r} ({e})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    for o in overrides:
+        key, value = parse_override(o)
+        _set_dotted(data, key, value)
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.mode in ("epoch", "resampled"), "data.mode", "must be 'epoch' or 'resampled'")
+    need(cfg.data.on_error in ("raise", "skip"), "data.on_error", "must be 'raise' or 'skip'")
+    need(cfg.model.activation in ("gelu", "silu", "relu"), "model.activation",
+         "must be gelu, silu or relu")
+    need(len(cfg.model.channels) >= 1, "model.channels", "needs at least one level")
+    for i, w in enumerate(cfg.model.channels):
+        need(w >= 1 and w % cfg.model.norm_groups == 0, "model.channels",
+             f"level {i} width {w} is not divisible by model.norm_groups={cfg.model.norm_groups}")
+    need(cfg.model.tile_size % 2 ** (len(cfg.model.channels) - 1) == 0, "model.tile_size",
+         f"must be divisible by 2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)}")
+    need(cfg.loss.recon in ("l1", "l2"), "loss.recon", "must be l1 or l2")
+    need(len(cfg.loss.l2_weights) == cfg.model.head_outputs, "loss.l2_weights",
+         f"needs {cfg.model.head_outputs} entries (one per product)")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "needs two numbers")
+    need(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "cosine or constant")
+    need(cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+    need(cfg.train.steps >= 1, "train.steps", "must be >= 1")
+    need(cfg.train.on_nonfinite in ("raise", "skip"), "train.on_nonfinite", "raise or skip")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls=Config, prefix: str = "") -> str:
+    """Every key with its type, default and documentation."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"[{key}]")
+            lines.append(describe(tp, key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {key} = {default!r}  ({getattr(tp, '__name__', str(tp))}) "
+                         f"{f.metadata.get('doc', '')}")
+    return "\n".join(lines)

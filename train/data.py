@@ -1,0 +1,346 @@
+"""Streaming loader: WebDataset tar shards -> batches on every rank, exactly accounted.
+
+The pipeline of one (rank, worker) slot, in order:
+
+    shard list            sizes.json of the split (shard -> sample count)
+    shard shuffle         permutation from (seed, epoch): identical on every rank
+    split by node+worker  greedy balance of shards over world x workers slots (same plan
+                          everywhere); `resampled` draws shards with replacement instead
+    tar samples           members grouped by key, read once into writable buffers
+    shuffle buffer        `shuffle_buffer` raw samples, first output after `shuffle_initial`
+    decode                .npy -> tensors (no copy), shapes/dtypes/finite L1 checked
+    augment               flips and 90-degree rotations, the same for L1, L2 and geo
+    L2 transforms         physical -> model space (train/transforms.py); both are kept
+    batch                 stacked tensors + `valid` mask + keys
+
+Every slot yields the same number of batches per epoch; slots with fewer samples pad with
+copies flagged ``valid=False`` that losses and metrics ignore, so each sample counts exactly
+once per epoch and no rank waits in a collective for another that ran dry. All randomness
+comes from generators seeded by (seed, epoch, rank, worker); nothing uses global RNG state.
+Batches are CPU tensors and are not passed through ``accelerator.prepare``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep import samples
+from data_prep.tempo import L2_ORDER
+from data_prep.util import read_json
+from train.transforms import L2Transform
+
+SPLIT_IDS = {"train": 0, "val": 1}
+
+
+class DataError(Exception):
+    """Shards or settings that cannot feed the run; the message says what to do."""
+
+
+def slot_rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key])))
+
+
+@dataclasses.dataclass
+class ShardSet:
+    root: str
+    split: str
+    sizes: dict[str, int]  # path relative to root -> samples, this split only
+    stats: dict
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str, split: str) -> ShardSet:
+        sizes_path = os.path.join(root, "sizes.json")
+        if not os.path.isdir(root):
+            raise DataError(f"shard folder {root} does not exist; make it with "
+                            "python -m data_prep.make_shards INPUT_DIR " + root)
+        for name in ("sizes.json", "stats.json"):
+            if not os.path.exists(os.path.join(root, name)):
+                raise DataError(f"{os.path.join(root, name)} is missing: {root} is not a "
+                                "finished shard folder (re-run data_prep.make_shards)")
+        sizes = {k: int(v) for k, v in read_json(sizes_path).items()
+                 if k.startswith(split + "/") and int(v) > 0}
+        if not sizes:
+            raise DataError(f"no {split} shards listed in {sizes_path}")
+        missing = [k for k in sizes if not os.path.exists(os.path.join(root, k))]
+        if missing:
+            raise DataError(f"{sizes_path} lists {len(missing)} {split} shards that do not "
+                            f"exist, e.g. {missing[0]}; sizes.json disagrees with the shards")
+        man_path = os.path.join(root, "manifest.json")
+        manifest = read_json(man_path) if os.path.exists(man_path) else {}
+        order = tuple(manifest.get("l2_order", L2_ORDER))
+        if order != L2_ORDER:
+            raise DataError(f"{man_path}: l2_order {order} differs from {L2_ORDER}")
+        return cls(root, split, dict(sorted(sizes.items())), read_json(
+            os.path.join(root, "stats.json")), manifest)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+def plan_epoch(sizes: dict[str, int], slots: int, seed: int, epoch: int) -> list[list[str]]:
+    """Shards of each slot for one epoch: a seeded shuffle, then each shard to the slot with
+    the fewest samples so far (ties: lowest slot). Deterministic, the same on all ranks."""
+    names = sorted(sizes)
+    order = slot_rng(seed, epoch, 7).permutation(len(names))
+    load = [0] * slots
+    plan: list[list[str]] = [[] for _ in range(slots)]
+    for i in order:
+        s = min(range(slots), key=lambda j: (load[j], j))
+        plan[s].append(names[i])
+        load[s] += sizes[names[i]]
+    return plan
+
+
+class ShardStream(IterableDataset):
+    """One rank's share of a split; each DataLoader worker is one slot of the plan."""
+
+    def __init__(self, shards: ShardSet, cfg, rank: int, world_size: int, train: bool,
+                 transform: L2Transform | None = None):
+        super().__init__()
+        self.shards, self.cfg = shards, cfg
+        self.rank, self.world = rank, world_size
+        self.train = train
+        self.mode = cfg.mode if train else "epoch"
+        self.workers = max(1, cfg.num_workers)
+        self.slots = self.world * self.workers
+        self.batch_size = cfg.batch_size
+        self.transform = transform or L2Transform(shards.stats["l2"])
+        self.epoch = 0
+        self.skip_batches = 0  # batches of this epoch already consumed (resume)
+        if self.mode not in ("epoch", "resampled"):
+            raise DataError(f"data.mode must be 'epoch' or 'resampled', not {self.mode!r}")
+        if self.mode == "epoch" and train and len(shards.sizes) < self.slots:
+            raise DataError(
+                f"{shards.split}: {len(shards.sizes)} shards cannot feed {self.world} ranks x "
+                f"{self.workers} workers = {self.slots} readers in epoch mode; make more, "
+                "smaller shards (make_shards --shard-size), lower data.num_workers, or set "
+                "data.mode=resampled")
+        self._template = None
+
+    # -- sizes -------------------------------------------------------------------------
+    def batches_per_slot(self, epoch: int) -> int:
+        b = self.batch_size
+        if self.mode == "resampled":
+            n = self.cfg.samples_per_epoch or self.shards.total
+            return max(1, math.ceil(n / (self.slots * b)))
+        plan = plan_epoch(self.shards.sizes, self.slots, self.cfg.seed + 1000 * self.train,
+                          epoch)
+        return max(1, max(math.ceil(sum(self.shards.sizes[s] for s in p) / b) for p in plan))
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        return self.batches_per_slot(self.epoch) * self.workers
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    # -- stages --------------------------------------------------------------------------
+    def _shard_sequence(self, slot: int, rng: np.random.Generator) -> Iterator[str]:
+        if self.mode == "resampled":
+            names = sorted(self.shards.sizes)
+            p = np.asarray([self.shards.sizes[n] for n in names], np.float64)
+            p /= p.sum()
+            while True:
+                yield names[int(rng.choice(len(names), p=p))]
+        plan = plan_epoch(self.shards.sizes, self.slots, self.cfg.seed + 1000 * self.train,
+                          self.epoch)
+        yield from plan[slot]
+
+    def _tar_samples(self, shard_names: Iterator[str], counters: dict) -> Iterator[dict]:
+        for name in shard_names:
+            path = os.path.join(self.shards.root, name)
+            want = self.shards.sizes[name]
+            n = 0
+            try:
+                for raw in samples.iter_tar(path):
+                    n += 1
+                    raw["__shard__"] = name
+                    yield raw
+            except samples.ShardError as e:
+                self._fail(e, counters, missing=max(0, want - n))
+                continue
+            if n != want:
+                self._fail(samples.SampleError(
+                    f"{path}: {n} samples, sizes.json says {want}", "size_mismatch"),
+                    counters, missing=max(0, want - n))
+
+    def _fail(self, err: samples.SampleError, counters: dict, missing: int = 1) -> None:
+        if self.cfg.on_error != "skip":
+            raise err
+        counters[err.reason] = counters.get(err.reason, 0) + max(1, missing)
+
+    def _shuffled(self, it: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        if not self.train or self.cfg.shuffle_buffer <= 1:
+            yield from it
+            return
+        size = self.cfg.shuffle_buffer
+        initial = max(1, min(self.cfg.shuffle_initial, size))
+        buf: list[dict] = []
+
+        def pop_random() -> dict:
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            return buf.pop()
+
+        it = iter(it)
+        for s in it:
+            buf.append(s)
+            if len(buf) < size:  # grow towards `size`: read one extra per output
+                extra = next(it, None)
+                if extra is not None:
+                    buf.append(extra)
+            if len(buf) >= initial:
+                yield pop_random()
+        while buf:
+            yield pop_random()
+
+    def _decode(self, raw: dict) -> dict:
+        s = samples.decode(raw, raw["__shard__"])
+        l1 = torch.from_numpy(s["l1"])
+        if not torch.isfinite(l1).all():
+            raise samples.SampleError(f"{raw['__shard__']} sample '{s['__key__']}': l1 holds "
+                                      "NaN or Inf", "nonfinite_l1")
+        return {"key": s["__key__"], "l1": l1, "l2": torch.from_numpy(s["l2"]),
+                "geo": torch.from_numpy(s["geo"])}
+
+    @staticmethod
+    def _augment(s: dict, k: int, flip: bool) -> dict:
+        for name in ("l1", "l2", "geo"):
+            x = s[name]
+            if flip:
+                x = torch.flip(x, dims=(-1,))
+            if k:
+                x = torch.rot90(x, k, dims=(-2, -1))
+            s[name] = x
+        return s
+
+    def _collate(self, items: list[dict], valid: list[bool], counters: dict) -> dict:
+        l2 = torch.stack([s["l2"] for s in items])  # (B, 4, H, W) physical
+        return {
+            "l1": torch.stack([s["l1"] for s in items]),  # (B, C, H, W) float16
+            "l2": l2,
+            "l2_t": self.transform.forward(l2),  # (B, 4, H, W) model space
+            "geo": torch.stack([s["geo"] for s in items]),
+            "valid": torch.tensor(valid, dtype=torch.bool),
+            "keys": [s["key"] for s in items],
+            "errors": dict(counters),
+        }
+
+    def _template_sample(self) -> dict:
+        if self._template is None:
+            first = sorted(self.shards.sizes)[0]
+            raw = next(samples.iter_tar(os.path.join(self.shards.root, first)))
+            raw["__shard__"] = first
+            self._template = self._decode(raw)
+        return dict(self._template)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        n_workers = info.num_workers if info is not None else 1
+        if n_workers != self.workers:
+            raise DataError(f"loader built for {self.workers} workers but runs with {n_workers}")
+        slot = self.rank * self.workers + worker
+        split_id = SPLIT_IDS.get(self.shards.split, 2)
+        rng = slot_rng(self.cfg.seed, self.epoch, self.rank, worker, split_id)
+        n_batches = self.batches_per_slot(self.epoch)
+        # batches of this worker among the first `skip_batches` of the rank (round robin)
+        skip = max(0, (self.skip_batches - worker + self.workers - 1) // self.workers)
+        counters: dict[str, int] = {}
+        stream = self._shuffled(self._tar_samples(self._shard_sequence(slot, rng), counters), rng)
+        b = self.batch_size
+        for i in range(n_batches):
+            items, valid = [], []
+            while len(items) < b:
+                raw = next(stream, None)
+                if raw is None:
+                    break
+                # draw augmentation parameters for every sample, skipped or not, so that a
+                # resumed run sees exactly the same random stream
+                k, flip = (int(rng.integers(4)), bool(rng.integers(2))) \
+                    if self.train and self.cfg.augment else (0, False)
+                try:
+                    s = self._decode(raw)  # also when skipping: errors shape the batches
+                except samples.SampleError as e:
+                    self._fail(e, counters)
+                    continue
+                if i < skip:
+                    items.append(None)
+                    valid.append(True)
+                    continue
+                items.append(self._augment(s, k, flip) if (k or flip) else s)
+                valid.append(True)
+            if i < skip:
+                counters.clear()  # already counted before the checkpoint
+                continue
+            if not items:
+                items, valid = [self._template_sample()], [False]
+            while len(items) < b:  # pad: copies flagged invalid
+                items.append(dict(items[-1]))
+                valid.append(False)
+            yield self._collate(items, valid, counters)
+            counters.clear()
+
+
+@dataclasses.dataclass
+class LoaderState:
+    epoch: int = 0
+    batches_consumed: int = 0  # in the current epoch, on this rank
+
+
+class ShardLoader:
+    """Epoch-aware wrapper around a DataLoader of a ShardStream; records its position."""
+
+    def __init__(self, dataset: ShardStream, cfg):
+        self.dataset, self.cfg = dataset, cfg
+        self.state = LoaderState()
+        self.errors: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.state = LoaderState(epoch, 0)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self.state) | {"errors": dict(self.errors)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = LoaderState(int(d["epoch"]), int(d["batches_consumed"]))
+        self.errors = dict(d.get("errors", {}))
+
+    def __iter__(self) -> Iterator[dict]:
+        """Yield the rest of the current epoch, counting what is consumed."""
+        self.dataset.set_epoch(self.state.epoch, self.state.batches_consumed)
+        nw = self.cfg.num_workers
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=nw,
+                            pin_memory=self.cfg.pin_memory,
+                            prefetch_factor=self.cfg.prefetch_factor if nw > 0 else None,
+                            persistent_workers=False,
+                            multiprocessing_context="fork" if nw > 0 else None)
+        for batch in loader:
+            for k, v in batch.pop("errors").items():
+                self.errors[k] = self.errors.get(k, 0) + v
+            self.state.batches_consumed += 1
+            yield batch
+
+
+def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1,
+                 train: bool | None = None) -> ShardLoader:
+    """Loader of ``split`` ('train' or 'val') for one rank, from the ``data`` config section."""
+    shards = ShardSet.open(cfg.shards, split)
+    is_train = (split == "train") if train is None else train
+    if not is_train and cfg.num_workers > 0:
+        # validation: never more readers than shards (padding covers the rest)
+        cfg = dataclasses.replace(cfg, num_workers=max(
+            0, min(cfg.num_workers, len(shards.sizes) // max(1, world_size))))
+    return ShardLoader(ShardStream(shards, cfg, rank, world_size, is_train), cfg)
