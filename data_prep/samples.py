@@ -43,14 +43,39 @@ class ShardError(SampleError):
         super().__init__(message, "unreadable_shard")
 
 
-def iter_tar(path: str):
+class LazyMember:
+    """A large tar member left on disk: where it is, plus its first bytes (the .npy
+    header). ``read_into`` reads the payload straight into a caller's buffer."""
+
+    __slots__ = ("path", "offset", "size", "head")
+
+    def __init__(self, path: str, offset: int, size: int, head: bytes):
+        self.path, self.offset, self.size, self.head = path, offset, size, head
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read_into(self, dst: memoryview, skip: int, where: str) -> None:
+        """Read ``len(dst)`` bytes starting ``skip`` bytes into the member."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            n = os.preadv(fd, [dst], self.offset + skip)
+        finally:
+            os.close(fd)
+        if n != len(dst):
+            raise ShardError(f"{where}: member cut short ({n} of {len(dst)} bytes)")
+
+
+def iter_tar(path: str, lazy_min: int | None = None):
     """Yield raw samples ``{"__key__": key, ext: bytearray, ...}`` of a tar shard in file
-    order, reading each member once into a writable buffer (no further copies). Members
-    are grouped by key, the file name up to its first '.'."""
+    order. Each member is read once, straight from the file into a writable buffer; with
+    ``lazy_min``, members of at least that many bytes are returned as ``LazyMember``
+    (read later, directly into their final place). Members are grouped by key, the file
+    name up to its first '.'."""
     cur: dict = {}
     key = None
     try:
-        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -60,15 +85,34 @@ def iter_tar(path: str):
                     yield cur
                     cur = {}
                 cur["__key__"] = key
+                fh.seek(member.offset_data)
+                if lazy_min is not None and member.size >= lazy_min:
+                    head = fh.read(min(member.size, 512))
+                    cur[ext] = LazyMember(path, member.offset_data, member.size, head)
+                    continue
                 buf = bytearray(member.size)
-                f = tf.extractfile(member)
-                if f.readinto(buf) != member.size:
-                    raise EOFError(f"member {member.name} is short")
+                if fh.readinto(buf) != member.size:
+                    raise EOFError(f"member {member.name} is cut short")
                 cur[ext] = buf
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"{path}: unreadable tar shard after key '{key}' ({e})") from None
     if cur:
         yield cur
+
+
+class LazyArray:
+    """A .npy array whose payload is still in its shard (see ``LazyMember``)."""
+
+    __slots__ = ("member", "shape", "dtype", "payload_offset", "ndim")
+
+    def __init__(self, member: LazyMember, shape, dtype, payload_offset: int):
+        self.member, self.shape, self.dtype = member, tuple(shape), dtype
+        self.payload_offset, self.ndim = payload_offset, len(shape)
+
+    def read_into(self, dst: np.ndarray, where: str = "") -> None:
+        if dst.shape != self.shape or dst.dtype != self.dtype or not dst.flags.c_contiguous:
+            raise ValueError(f"{where}: destination {dst.shape} {dst.dtype} does not fit")
+        self.member.read_into(memoryview(dst).cast("B"), self.payload_offset, where)
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -77,21 +121,56 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def npy_array(data: bytes | bytearray | memoryview, where: str = "") -> np.ndarray:
-    """Decode .npy bytes without copying the payload (the result views ``data``)."""
-    try:
-        f = io.BytesIO(data)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+_HEADER_CACHE: dict[bytes, tuple] = {}
+
+
+def _npy_header(data, where: str) -> tuple:
+    """(shape, fortran_order, dtype, payload offset) of .npy bytes; headers repeat across
+    samples, so parsed ones are cached by their raw bytes."""
+    head = bytes(data[:16])
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise SampleError(f"{where}: not a valid .npy array (bad magic)", "bad_array")
+    major = head[6]
+    hlen = int.from_bytes(head[8:10], "little") if major == 1 else \
+        int.from_bytes(head[8:12], "little")
+    start = 10 if major == 1 else 12
+    raw = bytes(data[:start + hlen])
+    hit = _HEADER_CACHE.get(raw)
+    if hit is None:
+        try:
+            f = io.BytesIO(raw)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except Exception as e:  # numpy raises several types for bad headers
+            raise SampleError(f"{where}: not a valid .npy array ({e})", "bad_array") from None
         if dtype.hasobject:
-            raise ValueError("object arrays are not allowed")
+            raise SampleError(f"{where}: object arrays are not allowed", "bad_array")
+        hit = (shape, fortran, dtype, start + hlen)
+        if len(_HEADER_CACHE) < 256:
+            _HEADER_CACHE[raw] = hit
+    return hit
+
+
+def npy_array(data, where: str = ""):
+    """Decode .npy bytes without copying the payload (the result views ``data``); a
+    ``LazyMember`` gives a ``LazyArray`` (header checked, payload not read)."""
+    if isinstance(data, LazyMember):
+        shape, fortran, dtype, offset = _npy_header(data.head, where)
         count = int(np.prod(shape)) if shape else 1
-        arr = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell())
-    except Exception as e:  # numpy raises several types for bad headers
-        raise SampleError(f"{where}: not a valid .npy array ({e})", "bad_array") from None
+        if fortran or data.size - offset != count * dtype.itemsize:
+            raise SampleError(f"{where}: not a valid .npy array (payload of "
+                              f"{data.size - offset} bytes for shape {shape} {dtype})",
+                              "bad_array")
+        return LazyArray(data, shape, dtype, offset)
+    shape, fortran, dtype, offset = _npy_header(data, where)
+    count = int(np.prod(shape)) if shape else 1
+    if len(data) - offset != count * dtype.itemsize:
+        raise SampleError(f"{where}: not a valid .npy array (payload of {len(data) - offset} "
+                          f"bytes for shape {shape} {dtype})", "bad_array")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return arr.reshape(shape, order="F" if fortran else "C")
 
 

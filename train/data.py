@@ -37,6 +37,7 @@ from data_prep.util import read_json
 from train.transforms import L2Transform
 
 SPLIT_IDS = {"train": 0, "val": 1}
+LAZY_MIN_BYTES = 1 << 20  # members this large stay on disk until read into their batch
 
 
 class DataError(Exception):
@@ -125,6 +126,7 @@ class ShardStream(IterableDataset):
                 "smaller shards (make_shards --shard-size), lower data.num_workers, or set "
                 "data.mode=resampled")
         self._template = None
+        self._staging: np.ndarray | None = None
 
     # -- sizes -------------------------------------------------------------------------
     def batches_per_slot(self, epoch: int) -> int:
@@ -161,7 +163,7 @@ class ShardStream(IterableDataset):
             want = self.shards.sizes[name]
             n = 0
             try:
-                for raw in samples.iter_tar(path):
+                for raw in samples.iter_tar(path, LAZY_MIN_BYTES):
                     n += 1
                     raw["__shard__"] = name
                     yield raw
@@ -204,32 +206,88 @@ class ShardStream(IterableDataset):
             yield pop_random()
 
     def _decode(self, raw: dict) -> dict:
+        """Arrays are views of the tar member buffers; a large L1 stays a LazyArray that
+        the batch stage reads straight into the batch tensor."""
         s = samples.decode(raw, raw["__shard__"])
-        l1 = torch.from_numpy(s["l1"])
-        if not torch.isfinite(l1).all():
-            raise samples.SampleError(f"{raw['__shard__']} sample '{s['__key__']}': l1 holds "
-                                      "NaN or Inf", "nonfinite_l1")
-        return {"key": s["__key__"], "l1": l1, "l2": torch.from_numpy(s["l2"]),
-                "geo": torch.from_numpy(s["geo"])}
+        if isinstance(s["l1"], np.ndarray):
+            self._check_finite(torch.from_numpy(s["l1"]), raw["__shard__"], s["__key__"])
+        return {"key": s["__key__"], "shard": raw["__shard__"], "l1": s["l1"], "l2": s["l2"],
+                "geo": s["geo"], "aug": (0, False)}
 
     @staticmethod
-    def _augment(s: dict, k: int, flip: bool) -> dict:
-        for name in ("l1", "l2", "geo"):
-            x = s[name]
-            if flip:
-                x = torch.flip(x, dims=(-1,))
-            if k:
-                x = torch.rot90(x, k, dims=(-2, -1))
-            s[name] = x
+    def _check_finite(x: torch.Tensor, shard: str, key: str) -> None:
+        lo, hi = torch.aminmax(x)  # NaN propagates; much cheaper than isfinite on fp16
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise samples.SampleError(f"{shard} sample '{key}': l1 holds NaN or Inf",
+                                      "nonfinite_l1")
+
+    @staticmethod
+    def _dihedral(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
+        """Flip, then rotate by k x 90 degrees, over the last two axes (a view)."""
+        if flip:
+            x = np.flip(x, axis=-1)
+        if k:
+            x = np.rot90(x, k, axes=(-2, -1))
+        return x
+
+    def _augment(self, s: dict, k: int, flip: bool) -> dict:
+        """Views for L2 and geo; L1 is transformed as it is copied into the batch."""
+        s["l2"] = self._dihedral(s["l2"], k, flip)
+        s["geo"] = self._dihedral(s["geo"], k, flip)
+        s["aug"] = (k, flip)
         return s
 
+    @staticmethod
+    def _alloc(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Batch tensor, in shared memory inside a worker so that handing it to the main
+        process costs no further copy."""
+        if get_worker_info() is not None:
+            proto = torch.empty(0, dtype=dtype)
+            return proto.new(proto._typed_storage()._new_shared(math.prod(shape))).view(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        dtype = torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype
+        out = self._alloc((len(arrays),) + arrays[0].shape, dtype)
+        dst = out.numpy()
+        for i, a in enumerate(arrays):
+            dst[i] = a
+        return out
+
+    def _stack_l1(self, items: list[dict], valid: list[bool], counters: dict) -> torch.Tensor:
+        """Read each L1 payload from its shard straight into the batch (identity) or via a
+        reused staging buffer (flipped / rotated); check finiteness per sample."""
+        first = items[0]["l1"]
+        out = self._alloc((len(items),) + tuple(first.shape), torch.float16)
+        dst = out.numpy()
+        for i, s in enumerate(items):
+            a, (k, flip) = s["l1"], s["aug"]
+            where = f"{s['shard']} sample '{s['key']}'"
+            if isinstance(a, samples.LazyArray):
+                if k or flip:
+                    if self._staging is None or self._staging.shape != a.shape:
+                        self._staging = np.empty(a.shape, a.dtype)
+                    a.read_into(self._staging, where)
+                    dst[i] = self._dihedral(self._staging, k, flip)
+                else:
+                    a.read_into(dst[i], where)
+                try:
+                    self._check_finite(out[i], s["shard"], s["key"])
+                except samples.SampleError as e:
+                    self._fail(e, counters)
+                    dst[i] = 0
+                    valid[i] = False
+            else:
+                dst[i] = self._dihedral(a, k, flip)
+        return out
+
     def _collate(self, items: list[dict], valid: list[bool], counters: dict) -> dict:
-        l2 = torch.stack([s["l2"] for s in items])  # (B, 4, H, W) physical
+        l2 = self._stack([s["l2"] for s in items])  # (B, 4, H, W) physical
         return {
-            "l1": torch.stack([s["l1"] for s in items]),  # (B, C, H, W) float16
+            "l1": self._stack_l1(items, valid, counters),  # (B, C, H, W) float16
             "l2": l2,
             "l2_t": self.transform.forward(l2),  # (B, 4, H, W) model space
-            "geo": torch.stack([s["geo"] for s in items]),
+            "geo": self._stack([s["geo"] for s in items]),
             "valid": torch.tensor(valid, dtype=torch.bool),
             "keys": [s["key"] for s in items],
             "errors": dict(counters),
@@ -238,7 +296,7 @@ class ShardStream(IterableDataset):
     def _template_sample(self) -> dict:
         if self._template is None:
             first = sorted(self.shards.sizes)[0]
-            raw = next(samples.iter_tar(os.path.join(self.shards.root, first)))
+            raw = next(samples.iter_tar(os.path.join(self.shards.root, first), LAZY_MIN_BYTES))
             raw["__shard__"] = first
             self._template = self._decode(raw)
         return dict(self._template)
