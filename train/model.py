@@ -1,0 +1,237 @@
+"""AutoencoderKL-style spectral VAE with an L2 head on the latent grid.
+
+Encoder: conv_in (C -> channels[0]) -> per level ResNet blocks (+ attention where the
+spatial size is in ``attn_resolutions``) and a stride-2 downsample between levels -> middle
+(ResNet, attention, ResNet) -> GroupNorm, activation, conv to 2 x latent (mean, logvar) ->
+1x1 quant conv. The decoder mirrors it (nearest upsample + conv). The L2 head is a stack of
+1x1 convolutions on the latent grid fed the same latent sample that is decoded.
+
+Everything the loss needs, including the learned reconstruction log-variance, comes out
+of ``forward``: under ZeRO-3 parameters are only whole inside the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int, eps: float, act: str):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.act = ACTIVATIONS[act]()
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the H x W positions."""
+
+    def __init__(self, ch: int, heads: int, groups: int, eps: float):
+        super().__init__()
+        if ch % heads:
+            raise ValueError(f"attention: {ch} channels not divisible by {heads} heads")
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch, eps=eps)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=1)
+        # (B, C, H, W) -> (B, heads, HW, C/heads)
+        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
+                   for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = o.transpose(-1, -2).reshape(b, c, h, w)  # (B, C, H, W)
+        return x + self.proj(o)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(ch, cfg):
+    layers = [ResnetBlock(ch, ch, cfg.norm_groups, cfg.norm_eps, cfg.activation)]
+    if cfg.mid_attention:
+        layers.append(AttnBlock(ch, cfg.attn_heads, cfg.norm_groups, cfg.norm_eps))
+    layers.append(ResnetBlock(ch, ch, cfg.norm_groups, cfg.norm_eps, cfg.activation))
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch = cfg.channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        size, cin = cfg.tile_size, ch[0]
+        for i, cout in enumerate(ch):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(cin, cout, cfg.norm_groups, cfg.norm_eps,
+                                          cfg.activation))
+                cin = cout
+                if size in cfg.attn_resolutions:
+                    blocks.append(AttnBlock(cout, cfg.attn_heads, cfg.norm_groups, cfg.norm_eps))
+            if i < len(ch) - 1:
+                blocks.append(Downsample(cout))
+                size //= 2
+        self.down = nn.Sequential(*blocks)
+        self.mid = _mid(cin, cfg)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, cin, eps=cfg.norm_eps)
+        self.act = ACTIVATIONS[cfg.activation]()
+        zc = 2 * cfg.latent_channels if cfg.double_z else cfg.latent_channels
+        self.conv_out = nn.Conv2d(cin, zc, 3, padding=1)
+
+    def forward(self, x):
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(self.act(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch = list(reversed(cfg.channels))
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid = _mid(ch[0], cfg)
+        blocks: list[nn.Module] = []
+        size = cfg.tile_size // 2 ** (len(ch) - 1)
+        cin = ch[0]
+        for i, cout in enumerate(ch):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(cin, cout, cfg.norm_groups, cfg.norm_eps,
+                                          cfg.activation))
+                cin = cout
+                if size in cfg.attn_resolutions:
+                    blocks.append(AttnBlock(cout, cfg.attn_heads, cfg.norm_groups, cfg.norm_eps))
+            if i < len(ch) - 1:
+                blocks.append(Upsample(cout))
+                size *= 2
+        self.up = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, cin, eps=cfg.norm_eps)
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.up(self.mid(self.conv_in(z)))
+        return self.conv_out(self.act(self.norm_out(h)))
+
+
+class DiagonalGaussian:
+    """Posterior q(z|x) = N(mean, exp(logvar)) per latent element."""
+
+    def __init__(self, moments: torch.Tensor, logvar_min: float, logvar_max: float,
+                 deterministic: bool = False):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(logvar_min, logvar_max)
+        self.deterministic = deterministic
+        if deterministic:
+            self.logvar = torch.zeros_like(self.mean)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.deterministic:
+            return self.mean
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                          dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, summed over (C, H, W), in fp32."""
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device)
+        m, lv = self.mean.float(), self.logvar.float()
+        return 0.5 * (m.pow(2) + lv.exp() - 1.0 - lv).sum(dim=(1, 2, 3))
+
+
+class L2Head(nn.Module):
+    """1x1-conv MLP on the latent grid: latent -> hidden... -> products."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = cfg.latent_channels
+        for h in cfg.head_hidden:
+            layers += [nn.Conv2d(cin, h, 1), ACTIVATIONS[cfg.activation]()]
+            cin = h
+        layers.append(nn.Conv2d(cin, cfg.head_outputs, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class TempoVAE(nn.Module):
+    def __init__(self, cfg, logvar_init: float = 6.0, learn_logvar: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        zc = 2 * cfg.latent_channels if cfg.double_z else cfg.latent_channels
+        self.quant_conv = nn.Conv2d(zc, zc, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.head = L2Head(cfg)
+        # shape (1,), not a 0-dim scalar: DeepSpeed cannot flatten 0-dim bf16 parameters
+        self.logvar = nn.Parameter(torch.full((1,), float(logvar_init)),
+                                   requires_grad=learn_logvar)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        moments = self.quant_conv(self.encoder(x))
+        if not self.cfg.double_z:
+            return DiagonalGaussian(torch.cat([moments, moments], 1), 0, 0, deterministic=True)
+        return DiagonalGaussian(moments, self.cfg.logvar_min, self.cfg.logvar_max)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample: bool = True,
+                generator: torch.Generator | None = None) -> dict:
+        post = self.encode(x)
+        z = post.sample(generator) if sample else post.mode()
+        return {
+            "recon": self.decode(z),  # (B, C, H, W)
+            "l2_pred": self.head(z),  # (B, 4, h, w) on the latent grid, same z as decoded
+            "mean": post.mean, "logvar": post.logvar,
+            "kl": post.kl(),  # (B,)
+            "rec_logvar": self.logvar[0] * torch.ones((), device=x.device),
+        }
+
+
+def build_model(cfg, loss_cfg=None) -> TempoVAE:
+    """The model from the ``model`` section (and the loss's log-variance settings)."""
+    if loss_cfg is None:
+        return TempoVAE(cfg)
+    return TempoVAE(cfg, loss_cfg.logvar_init, loss_cfg.learn_logvar)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
