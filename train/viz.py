@@ -24,6 +24,10 @@ def spectra_image(x: torch.Tensor, recon: torch.Tensor, pixels: int = 3,
     return torch.from_numpy(img)
 
 
+def _scale(a: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return ((a - lo) / max(hi - lo, 1e-12)).clamp(0, 1).nan_to_num(0.0)
+
+
 def l2_maps_image(target: torch.Tensor, pred: torch.Tensor, zoom: int = 4) -> torch.Tensor:
     """(1, 4*H', 2*W') grey image: per product (rows) the target pooled to the prediction
     grid (left, NaN black) and the prediction (right), each scaled to the target's range."""
@@ -37,8 +41,7 @@ def l2_maps_image(target: torch.Tensor, pred: torch.Tensor, zoom: int = 4) -> to
     for i in range(k):
         tv = t[i][torch.isfinite(t[i])]
         lo, hi = (float(tv.min()), float(tv.max())) if tv.numel() else (0.0, 1.0)
-        norm = lambda a: ((a - lo) / max(hi - lo, 1e-12)).clamp(0, 1).nan_to_num(0.0)  # noqa: E731
-        rows.append(torch.cat([norm(t[i]), norm(pred[i].float())], dim=1))
+        rows.append(torch.cat([_scale(t[i], lo, hi), _scale(pred[i].float(), lo, hi)], dim=1))
     img = torch.cat(rows, dim=0)
     img = img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
     return img[None]
