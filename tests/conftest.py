@@ -44,3 +44,21 @@ def synth_copy(synth_dir, tmp_path) -> str:
     dst = str(tmp_path / "granules")
     shutil.copytree(synth_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def train_shards(synth_dir, tmp_path_factory) -> str:
+    """Shards small enough that 2 ranks each get several (4 samples per shard)."""
+    out = str(tmp_path_factory.mktemp("train_shards") / "shards")
+    assert make_shards.main([synth_dir, out, "--max-samples-per-shard", "4"] + TILE) == 0
+    return out
+
+
+def tiny_overrides(shards: str, out_dir: str) -> list[str]:
+    """A model small enough to train for a few steps on CPU in seconds."""
+    return [f"data.shards={shards}", "data.batch_size=4", "data.num_workers=0",
+            "data.shuffle_buffer=8", "data.shuffle_initial=4",
+            "model.in_channels=64", "model.channels=[16,16]", "model.latent_channels=4",
+            "model.head_hidden=[16]", "model.tile_size=16", "model.attn_heads=2",
+            "optim.lr=3e-3", "optim.warmup_steps=0", "train.progress=false",
+            f"train.output_dir={out_dir}", "train.log_every=1", "train.val_every=0"]

@@ -1,0 +1,147 @@
+"""Losses, model, config: unit tests (fast, single process)."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import pytest
+import torch
+
+from train.config import ConfigError, LossConfig, ModelConfig, describe, load_config
+from train.losses import VAELoss, nan_pool
+from train.model import DiagonalGaussian, build_model, count_parameters
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_nan_pool_counts_valid_pixels_only():
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 0] = float("nan")  # one of four pixels in the top-left block
+    x[0, 0, 2:, 2:] = float("nan")  # a whole block
+    out = nan_pool(x, 2, 0.5)
+    assert out[0, 0, 0, 0] == pytest.approx((1 + 4 + 5) / 3)  # not NaN: 3 of 4 valid
+    assert out[0, 0, 0, 1] == pytest.approx((2 + 3 + 6 + 7) / 4)
+    assert torch.isnan(out[0, 0, 1, 1])
+    assert torch.isnan(nan_pool(x, 2, 0.9)[0, 0, 0, 0])  # 3/4 < 0.9
+
+
+def _out(b=3, c=5, h=8, lat=2, kl=None):
+    g = torch.Generator().manual_seed(0)
+    return {"recon": torch.randn(b, c, h, h, generator=g),
+            "l2_pred": torch.randn(b, 4, h // 2, h // 2, generator=g),
+            "kl": torch.rand(b, generator=g) if kl is None else kl,
+            "rec_logvar": torch.tensor(0.5)}
+
+
+def test_loss_terms_masking_and_zero_valid():
+    cfg = LossConfig(kl_weight=0.01, l2_weights=[1.0, 0.0, 2.0, 0.5], l2_min_valid_fraction=0.5)
+    loss = VAELoss(cfg)
+    out = _out()
+    x = torch.randn(3, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    l2 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    l2[:, 1] = float("nan")  # O3TOT invalid everywhere
+    valid = torch.tensor([True, True, False])
+    t = loss(out, x, l2, valid)
+    assert all(torch.isfinite(v) for v in t.values())
+    assert t["l2/O3TOT"] == 0.0 and t["l2/O3TOT_valid_cells"] == 0
+    # padding sample contributes nothing: changing it changes no term
+    x2, l22 = x.clone(), l2.clone()
+    x2[2] += 100.0
+    l22[2] = 7.0
+    t2 = loss(out | {"recon": out["recon"]}, x2, l22, valid)
+    for k in t:
+        assert torch.allclose(t[k], t2[k]), k
+    # nll by hand: sum over valid samples of (|x - x_hat| / e^s + s) / batch size
+    s = 0.5
+    want = sum(((x[i] - out["recon"][i]).abs() / math.exp(s) + s).sum() for i in (0, 1)) / 3
+    assert t["nll"] == pytest.approx(float(want), rel=1e-5)
+    kl = (out["kl"][0] + out["kl"][1]) / 3
+    total = t["nll"] + 0.01 * kl + 1.0 * t["l2/NO2"] + 2.0 * t["l2/HCHO"] + 0.5 * t["l2/CLDO4"]
+    assert t["loss"] == pytest.approx(float(total), rel=1e-5)
+
+
+def test_l2_loss_is_mse_over_valid_cells():
+    cfg = LossConfig(l2_weights=[1, 1, 1, 1], l2_min_valid_fraction=1.0)
+    out = _out(b=1, c=1, h=4)
+    out["l2_pred"] = torch.zeros(1, 4, 2, 2)
+    l2 = torch.full((1, 4, 4, 4), 2.0)
+    l2[0, 0, 0, 0] = float("nan")  # kills the top-left NO2 cell at threshold 1.0
+    t = VAELoss(cfg)(out, torch.zeros(1, 1, 4, 4), l2, torch.tensor([True]))
+    assert t["l2/NO2"] == pytest.approx(4.0) and t["l2/NO2_valid_cells"] == 3
+    assert t["l2/HCHO_valid_cells"] == 4
+
+
+def test_no_valid_sample_gives_exact_zero_not_nan():
+    t = VAELoss(LossConfig())(_out(), torch.randn(3, 5, 8, 8), torch.full((3, 4, 8, 8), float("nan")),
+                              torch.zeros(3, dtype=torch.bool))
+    for k, v in t.items():
+        if k != "rec_logvar":
+            assert float(v) == 0.0, k
+
+
+def test_kl_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    post = DiagonalGaussian(torch.cat([mean, logvar], 1), -30, 20)
+    q = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
+    want = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl(), want, rtol=1e-5, atol=1e-5)
+    s = post.sample(torch.Generator().manual_seed(1))
+    assert s.shape == mean.shape and not torch.equal(s, post.mode())
+
+
+def test_model_shapes_and_research_size():
+    cfg = ModelConfig(in_channels=16, channels=[16, 16, 32], latent_channels=4, tile_size=16,
+                      head_hidden=[8, 8], attn_heads=2, attn_resolutions=[8])
+    m = build_model(cfg)
+    x = torch.randn(2, 16, 16, 16)
+    out = m(x, generator=torch.Generator().manual_seed(0))
+    assert out["recon"].shape == x.shape
+    assert out["l2_pred"].shape == (2, 4, 4, 4) and out["kl"].shape == (2,)
+    # the head is fed the decoded sample: same noise -> same prediction
+    out2 = m(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["l2_pred"], out2["l2_pred"])
+    with torch.device("meta"):
+        big = build_model(ModelConfig())
+    assert 26e6 < count_parameters(big) < 28e6  # research model: 27.3M
+
+
+def test_every_shipped_config_loads():
+    paths = glob.glob(os.path.join(ROOT, "configs", "training", "*.yaml"))
+    assert len(paths) >= 3
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.train.steps >= 1, p
+    sup = load_config(os.path.join(ROOT, "configs", "training", "train_vae_l2_supervised.yaml"))
+    uns = load_config(os.path.join(ROOT, "configs", "training", "train_vae_default.yaml"))
+    assert sup.loss.l2_weights == [0.1] * 4 and uns.loss.l2_weights == [0.0] * 4
+    assert sup.optim.lr == 1e-4 and sup.optim.betas == [0.9, 0.95] and sup.data.batch_size == 32
+    assert sup.model.channels == [512, 256, 128] and sup.train.steps == 200000
+
+
+def test_overrides_win_and_bad_keys_fail():
+    p = os.path.join(ROOT, "configs", "training", "demo.yaml")
+    cfg = load_config(p, ["optim.lr=5e-4", "data.batch_size=3", "model.channels=[8,16]"])
+    assert cfg.optim.lr == 5e-4 and cfg.data.batch_size == 3 and cfg.model.channels == [8, 16]
+    with pytest.raises(ConfigError, match="unknown key optim.lrr"):
+        load_config(p, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="data.batch_size: expected an integer"):
+        load_config(p, ["data.batch_size=1.5"])
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        load_config(p, ["train.steps=many"])
+    with pytest.raises(ConfigError, match="loss.l2_weights: needs 4"):
+        load_config(p, ["loss.l2_weights=[1,2]"])
+    assert "data.batch_size" in describe() and "optim.lr" in describe()
+
+
+def test_main_exits_2_on_bad_config(capsys):
+    from train import main
+
+    p = os.path.join(ROOT, "configs", "training", "demo.yaml")
+    assert main.main(["--config", p, "bogus.key=1"]) == 2
+    assert "unknown key bogus" in capsys.readouterr().err
+    assert main.main(["--config", p, "data.shards=/nonexistent/shards"]) == 2
+    assert "does not exist" in capsys.readouterr().err
