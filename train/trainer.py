@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import yaml
 
@@ -273,9 +272,10 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
-        result = {k: float(v.detach()) for k, v in terms.items()}
+        # detached tensors: converted to numbers only at log steps (no per-step device sync)
+        result = {k: v.detach() for k, v in terms.items()}
         if grad_norm is not None:
-            result["grad_norm"] = float(grad_norm)
+            result["grad_norm"] = torch.as_tensor(grad_norm)
         result["_stop"] = stop
         result["_synced"] = acc.sync_gradients
         return result
@@ -394,7 +394,8 @@ class Trainer:
             dt = time.perf_counter() - window["t0"]
             terms = window["terms"]
             keys = [k for k in terms[-1] if not k.startswith("_")]
-            mean = {k: float(np.mean([t[k] for t in terms if k in t])) for k in keys}
+            mean = {k: float(torch.stack([torch.as_tensor(t[k], dtype=torch.float64).cpu()
+                                          for t in terms if k in t]).mean()) for k in keys}
             vec = torch.tensor([mean[k] for k in keys] + [window["tiles"]], dtype=torch.float64,
                                device=self.acc.device)
             if self.world > 1:
