@@ -239,3 +239,30 @@ def test_bad_sample_stops_with_key_or_is_skipped_and_counted(many_shards, tmp_pa
     assert key not in valid_keys(batches)
     assert len(batches) == len(loader)
     assert sorted(valid_keys(batches) + [key]) == train_keys(many_shards)
+
+
+def test_nonfinite_l1_and_size_mismatch_are_named(many_shards, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "s")
+    shutil.copytree(many_shards, root)
+    sizes = json.load(open(os.path.join(root, "sizes.json")))
+    rel = sorted(k for k in sizes if k.startswith("train"))[1]
+    raw = next(samples.iter_tar(os.path.join(root, rel)))
+    l1 = samples.npy_array(raw["l1.npy"]).copy()
+    l1[0, 0, 0] = np.inf
+    _corrupt_member(root, rel, raw["__key__"], "l1.npy", samples.npy_bytes(l1))
+    c = cfg(root, num_workers=0, augment=False)
+    with pytest.raises(samples.SampleError, match=f"sample '{raw['__key__']}': l1 holds NaN"):
+        list(build_loader(c, "train"))
+    # sizes.json that disagrees with a shard: named, or counted when skipping
+    sizes[rel] += 2
+    json.dump(sizes, open(os.path.join(root, "sizes.json"), "w"))
+    loader = build_loader(dataclasses.replace(c, on_error="skip"), "train")
+    list(loader)
+    assert loader.errors == {"nonfinite_l1": 1, "size_mismatch": 2}
+    clean = str(tmp_path / "clean")
+    shutil.copytree(many_shards, clean)
+    json.dump(sizes, open(os.path.join(clean, "sizes.json"), "w"))
+    with pytest.raises(samples.SampleError, match=f"{rel}: .* samples, sizes.json says"):
+        list(build_loader(cfg(clean, num_workers=0), "train"))

@@ -294,11 +294,25 @@ class ShardStream(IterableDataset):
         }
 
     def _template_sample(self) -> dict:
+        """Any decodable sample (the first one found), used only as padding (valid=False)."""
         if self._template is None:
-            first = sorted(self.shards.sizes)[0]
-            raw = next(samples.iter_tar(os.path.join(self.shards.root, first), LAZY_MIN_BYTES))
-            raw["__shard__"] = first
-            self._template = self._decode(raw)
+            for name in sorted(self.shards.sizes):
+                try:
+                    for raw in samples.iter_tar(os.path.join(self.shards.root, name),
+                                                LAZY_MIN_BYTES):
+                        raw["__shard__"] = name
+                        try:
+                            self._template = self._decode(raw)
+                            break
+                        except samples.SampleError:
+                            continue
+                except samples.ShardError:
+                    continue
+                if self._template is not None:
+                    break
+            if self._template is None:
+                raise DataError(f"no readable sample in any {self.shards.split} shard of "
+                                f"{self.shards.root}")
         return dict(self._template)
 
     def __iter__(self) -> Iterator[dict]:

@@ -4,6 +4,7 @@ TensorBoard, atomic rotating checkpoints, exact resume, and graceful preemption.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -321,6 +322,9 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             atomic_write_bytes(os.path.join(self.out_dir, "config.yaml"), dump(cfg).encode())
+            for stale in glob.glob(os.path.join(self.ckpt_dir, "*.partial")):
+                self._log(f"removing incomplete checkpoint {stale} (a save was interrupted)")
+                shutil.rmtree(stale, ignore_errors=True)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"))

@@ -1,0 +1,157 @@
+"""Faults with real processes: exact resume, preemption by signal, SIGKILL during a
+checkpoint save, corrupt data in a training run, bad configuration."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import tiny_overrides
+from test_train_launch import ACCELERATE, DEMO, ROOT, check, env, launch, scalars
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+ZERO2 = os.path.join(ROOT, "accelerate_configs", "cpu_deepspeed_zero2.yaml")
+
+
+def losses(run_dir):
+    return dict(scalars(run_dir, "train/loss"))
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_resume_mid_epoch_gives_identical_losses(train_shards, tmp_path, mode):
+    """N steps straight == N/2 steps, stop, resume to N: bitwise equal per-step losses
+    (2 processes, ZeRO-2, bf16 on CPU). 7 steps of batch 4 on 2 ranks, stopped after 4: the
+    stop falls mid-epoch (an epoch here is 3 batches per rank)."""
+    common = ["--config", DEMO] + [o for o in tiny_overrides(train_shards, "")
+                                   if not o.startswith("train.output_dir")]
+    # constant lr: the "interrupted" run is made by asking for fewer steps, and a cosine
+    # schedule depends on train.steps (a real preemption keeps train.steps)
+    common += [f"data.mode={mode}", "data.samples_per_epoch=20", "train.steps=7",
+               "optim.schedule=constant"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    check(launch(ZERO2, "train/main.py", common + [f"train.output_dir={a}"]))
+    check(launch(ZERO2, "train/main.py", common + [f"train.output_dir={b}", "train.steps=4"]))
+    p = launch(ZERO2, "train/main.py", common + [f"train.output_dir={b}", "train.resume=latest"])
+    check(p)
+    assert "at step 4" in p.stdout
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == list(range(1, 8)) and sorted(lb) == list(range(1, 8))
+    assert [la[s] for s in range(1, 8)] == [lb[s] for s in range(1, 8)]
+
+
+def _children(pid):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _wait_for(pred, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigusr1_to_one_rank_saves_and_exits_zero_then_resumes(train_shards, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+        "train.steps=100000", "train.ckpt_every=0"]
+    cmd = [ACCELERATE, "launch", "--config_file", ZERO2, "train/main.py", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: glob.glob(os.path.join(out, "tb", "events*")) and
+                  os.path.getsize(glob.glob(os.path.join(out, "tb", "events*"))[0]) > 2000,
+                  300, "training to start")
+        workers = [c for c in _children(proc.pid) if "train/main.py" in " ".join(c.cmdline())
+                   and "launch" not in " ".join(c.cmdline())]
+        assert len(workers) == 2
+        workers[-1].send_signal(signal.SIGUSR1)
+        so, se = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, se[-4000:]
+    assert "stop requested (signal)" in so
+    ck = os.path.join(out, "checkpoints")
+    name = open(os.path.join(ck, "latest")).read().strip()
+    step = json.load(open(os.path.join(ck, name, "trainer_state.json")))["step"]
+    assert step >= 1
+    p = launch(ZERO2, "train/main.py", args[:-2] + [f"train.steps={step + 2}",
+                                                    "train.resume=latest"])
+    check(p)
+    assert f"at step {step}" in p.stdout
+
+
+def test_sigkill_during_checkpoint_keeps_the_previous_one(train_shards, tmp_path):
+    out = str(tmp_path / "run")
+    ck = os.path.join(out, "checkpoints")
+    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+        "train.steps=100000", "train.ckpt_every=1", "train.keep_last=2"]
+    cmd = [ACCELERATE, "launch", "--config_file", ZERO2, "train/main.py", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # wait until at least one checkpoint is complete and the next save is under way
+        _wait_for(lambda: os.path.exists(os.path.join(ck, "latest")) and
+                  glob.glob(os.path.join(ck, "*.partial")), 300, "a checkpoint save")
+    finally:
+        # SIGKILL the whole tree: the launcher and the ranks (in their own sessions)
+        for c in _children(proc.pid):
+            c.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.5)
+    name = open(os.path.join(ck, "latest")).read().strip()
+    assert os.path.exists(os.path.join(ck, name, "trainer_state.json"))  # complete
+    step = json.load(open(os.path.join(ck, name, "trainer_state.json")))["step"]
+    p = launch(ZERO2, "train/main.py", args[:-3] + [f"train.steps={step + 1}",
+                                                    "train.resume=latest"])
+    check(p)
+    assert f"at step {step}" in p.stdout, p.stdout[-2000:]
+    assert not glob.glob(os.path.join(ck, "*.partial"))  # the half-written save is cleaned up
+    done = sorted(d for d in os.listdir(ck) if d.startswith("step_") and "partial" not in d)
+    assert done[-1] == f"step_{step + 1:08d}"
+
+
+def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
+    from test_loader import _corrupt_member
+
+    from data_prep import samples
+
+    root = str(tmp_path / "shards")
+    shutil.copytree(train_shards, root)
+    sizes = json.load(open(os.path.join(root, "sizes.json")))
+    rel = sorted(k for k in sizes if k.startswith("train"))[0]
+    key = next(samples.iter_tar(os.path.join(root, rel)))["__key__"]
+    _corrupt_member(root, rel, key, "json", None)  # a sample with a missing member
+    out = str(tmp_path / "run")
+    args = ["--config", DEMO] + tiny_overrides(root, out) + ["train.steps=3"]  # one epoch
+    p = launch(ZERO2, "train/main.py", args)
+    assert p.returncode != 0
+    assert f"sample '{key}': missing members ['json']" in p.stderr
+    p = launch(ZERO2, "train/main.py", args + ["data.on_error=skip"])
+    check(p)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["data_errors"] == {"missing_members": 1}
+    assert "missing_members" in p.stdout + p.stderr
+
+
+def test_bad_configuration_fails_before_training_with_exit_2(train_shards, tmp_path):
+    out = str(tmp_path / "run")
+    base = ["--config", DEMO] + tiny_overrides(train_shards, out) + ["train.steps=2"]
+    p = launch(ZERO2, "train/main.py", base + ["data.shards=/no/such/dir"])
+    assert p.returncode != 0 and "does not exist" in p.stderr
+    p = launch(ZERO2, "train/main.py", base + ["model.in_channels=65"])
+    assert "model.in_channels=65 but the shards" in p.stderr
+    check(launch(ZERO2, "train/main.py", base))
+    p = launch(ZERO2, "train/main.py", base + ["model.latent_channels=8", "train.resume=latest"])
+    assert p.returncode != 0 and "cannot resume" in p.stderr and "latent_channels" in p.stderr
