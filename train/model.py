@@ -84,24 +84,29 @@ def _mid(ch, cfg):
     return nn.Sequential(*layers)
 
 
+def _levels(widths: list[int], size: int, cfg, resample, factor: float):
+    """ResNet blocks per level (+ attention at listed sizes), a resampling layer between
+    levels. Returns (the stack, its output width)."""
+    blocks: list[nn.Module] = []
+    cin = widths[0]
+    for i, cout in enumerate(widths):
+        for _ in range(cfg.num_res_blocks):
+            blocks.append(ResnetBlock(cin, cout, cfg.norm_groups, cfg.norm_eps, cfg.activation))
+            cin = cout
+            if size in cfg.attn_resolutions:
+                blocks.append(AttnBlock(cout, cfg.attn_heads, cfg.norm_groups, cfg.norm_eps))
+        if i < len(widths) - 1:
+            blocks.append(resample(cout))
+            size = int(size * factor)
+    return nn.Sequential(*blocks), cin
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         ch = cfg.channels
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        blocks: list[nn.Module] = []
-        size, cin = cfg.tile_size, ch[0]
-        for i, cout in enumerate(ch):
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(cin, cout, cfg.norm_groups, cfg.norm_eps,
-                                          cfg.activation))
-                cin = cout
-                if size in cfg.attn_resolutions:
-                    blocks.append(AttnBlock(cout, cfg.attn_heads, cfg.norm_groups, cfg.norm_eps))
-            if i < len(ch) - 1:
-                blocks.append(Downsample(cout))
-                size //= 2
-        self.down = nn.Sequential(*blocks)
+        self.down, cin = _levels(ch, cfg.tile_size, cfg, Downsample, 0.5)
         self.mid = _mid(cin, cfg)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cin, eps=cfg.norm_eps)
         self.act = ACTIVATIONS[cfg.activation]()
@@ -119,20 +124,7 @@ class Decoder(nn.Module):
         ch = list(reversed(cfg.channels))
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid = _mid(ch[0], cfg)
-        blocks: list[nn.Module] = []
-        size = cfg.tile_size // 2 ** (len(ch) - 1)
-        cin = ch[0]
-        for i, cout in enumerate(ch):
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(cin, cout, cfg.norm_groups, cfg.norm_eps,
-                                          cfg.activation))
-                cin = cout
-                if size in cfg.attn_resolutions:
-                    blocks.append(AttnBlock(cout, cfg.attn_heads, cfg.norm_groups, cfg.norm_eps))
-            if i < len(ch) - 1:
-                blocks.append(Upsample(cout))
-                size *= 2
-        self.up = nn.Sequential(*blocks)
+        self.up, cin = _levels(ch, cfg.tile_size // 2 ** (len(ch) - 1), cfg, Upsample, 2.0)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cin, eps=cfg.norm_eps)
         self.act = ACTIVATIONS[cfg.activation]()
         self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
