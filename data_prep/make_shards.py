@@ -90,6 +90,7 @@ def plan_units(granules: dict[str, GranuleFiles], split: dict[str, str], tile: T
     units: list[Unit] = []
     for s in SPLITS:
         keys = sorted(k for k, v in split.items() if v == s)
+        n_units = 0
         cur: list[str] = []
         size = 0.0
         for k in keys:
@@ -101,12 +102,13 @@ def plan_units(granules: dict[str, GranuleFiles], split: dict[str, str], tile: T
                 n = len(tile_positions(m, x, tile))
                 est = n * (c * tile.size**2 * np.dtype(L1_DTYPE).itemsize + 32 * tile.size**2)
             if cur and size + est > shard_bytes:
-                units.append(Unit(f"{s}-{len([u for u in units if u.split == s]):05d}", s, cur))
+                units.append(Unit(f"{s}-{n_units:05d}", s, cur))
+                n_units += 1
                 cur, size = [], 0.0
             cur.append(k)
             size += est
         if cur:
-            units.append(Unit(f"{s}-{len([u for u in units if u.split == s]):05d}", s, cur))
+            units.append(Unit(f"{s}-{n_units:05d}", s, cur))
     return units
 
 

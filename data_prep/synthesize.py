@@ -140,7 +140,8 @@ def _global_attrs(ds, product: str, level: str, gid: GranuleId, t0: dt.datetime,
         ds.setncattr("input_files", ", ".join(inputs))
 
 
-def write_granule(out_dir: str, gid: GranuleId, index: int, args, sampled, wl, rng, compress):
+def write_granule(out_dir: str, gid: GranuleId, index: int, args, sampled, wl, rng, compress,
+                  source: str = ""):
     import netCDF4
 
     m, x, c = args.mirror_steps, args.xtrack, args.channels
@@ -280,7 +281,7 @@ def write_granule(out_dir: str, gid: GranuleId, index: int, args, sampled, wl, r
     tname = os.path.join(tdir, f"TEMPO_TRUTH_{gid.key}.nc")
     with netCDF4.Dataset(tname + ".part", "w") as ds:
         ds.setncatts({"description": "true state used to synthesize the granule",
-                      "seed": np.int64(args.seed), "spectra": sampled.get("_source", "")})
+                      "seed": np.int64(args.seed), "spectra": source})
         ds.createDimension("mirror_step", m)
         ds.createDimension("xtrack", x)
         for k, v in f.items():
@@ -327,7 +328,6 @@ def main(argv=None) -> int:
                else physics.Spectra.analytic())
     wl = wavelengths(args.xtrack, args.channels)
     sampled = physics.sample(spectra, wl, args.slit_fwhm)
-    sampled["_source"] = spectra.source
     start = dt.datetime.fromisoformat(args.start).replace(tzinfo=dt.UTC)
     t_start = time.time()
     for i in tqdm(range(args.granules), desc="granules", unit="granule", file=sys.stderr):
@@ -335,7 +335,8 @@ def main(argv=None) -> int:
         scan, gran = 1 + i // 10, 1 + i % 10
         t = start + dt.timedelta(hours=i // 10, minutes=7 * (i % 10))
         gid = GranuleId(t.strftime("%Y%m%dT%H%M%SZ"), scan, gran)
-        write_granule(args.out_dir, gid, i, args, sampled, wl, rng, args.compress)
+        write_granule(args.out_dir, gid, i, args, sampled, wl, rng, args.compress,
+                      spectra.source)
     print(f"wrote {args.granules} granules ({args.mirror_steps}x{args.xtrack}x{args.channels}, "
           f"spectra: {spectra.source}) to {args.out_dir} in {time.time() - t_start:.1f}s")
     return 0
