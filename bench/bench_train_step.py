@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from train.runtime import setup_cpu_deepspeed  # noqa: E402
+
+setup_cpu_deepspeed()
 
 from data_prep import samples  # noqa: E402
 from data_prep.util import atomic_write_json  # noqa: E402

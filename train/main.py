@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from train.runtime import install_stop_handlers, setup_cpu_deepspeed  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train/main.py", description=__doc__.split("\n\n")[0],
@@ -29,16 +31,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    install_stop_handlers()  # before the slow imports: a SIGTERM during start-up is kept
     args = parse_args(argv)
     from train.config import ConfigError, describe, load_config
 
     if args.help_config:
         print(describe())
         return 0
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on a machine without GPUs
+    setup_cpu_deepspeed()
     from train.data import DataError
     from train.trainer import Trainer
 

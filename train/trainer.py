@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 
@@ -23,6 +22,7 @@ from train.data import build_loader
 from train.losses import build_loss
 from train.metrics import ValMetrics
 from train.model import build_model, count_parameters
+from train.runtime import install_stop_handlers, stop_signal
 
 # dense bf16 peak TFLOP/s by device name fragment (vendor datasheets)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -129,7 +129,6 @@ class Trainer:
         self.samples_seen = 0
         self.skipped_steps = 0
         self.last_val: dict = {}
-        self._stop_signal: int | None = None
         self.writer = None
         self.flops_per_sample = train_flops_per_sample(cfg.model)
         peak = cfg.train.peak_tflops
@@ -226,15 +225,9 @@ class Trainer:
         self._log(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ signals
-    def _install_signals(self) -> None:
-        def handler(signum, frame):
-            self._stop_signal = signum
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, handler)
-
     def _all_flags(self, nonfinite: bool) -> tuple[bool, bool]:
         """(any rank non-finite, any rank asked to stop): one small all-reduce per step."""
-        t = torch.tensor([float(nonfinite), float(self._stop_signal is not None)],
+        t = torch.tensor([float(nonfinite), float(stop_signal() is not None)],
                          device=self.acc.device)
         if self.world > 1:
             t = self.acc.reduce(t, reduction="sum")
@@ -328,7 +321,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"))
-        self._install_signals()
+        install_stop_handlers()  # main.py installs them first thing; other callers here
         self._log(f"model {self.n_params / 1e6:.2f}M parameters, "
                   f"{self.flops_per_sample / 1e9:.2f} GFLOP/tile (train); {self.world} ranks; "
                   f"deepspeed={self.deepspeed} precision={acc.mixed_precision}; "

@@ -9,8 +9,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from train.runtime import setup_cpu_deepspeed  # noqa: E402
+
+setup_cpu_deepspeed()
 
 from train.config import load_config  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
