@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -60,19 +61,41 @@ def _wait_for(pred, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigusr1_to_one_rank_saves_and_exits_zero_then_resumes(train_shards, tmp_path):
-    out = str(tmp_path / "run")
+def _start_endless_run(train_shards, out, launcher):
+    """A 2-rank ZeRO-2 run that would train for ever; returns once it is training."""
     args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
         "train.steps=100000", "train.ckpt_every=0"]
-    cmd = [ACCELERATE, "launch", "--config_file", ZERO2, "train/main.py", *args]
+    cmd = launcher + ["--config_file", ZERO2, "train/main.py", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    events = os.path.join(out, "tb", "events*")
+    _wait_for(lambda: glob.glob(events) and os.path.getsize(glob.glob(events)[0]) > 2000,
+              300, "training to start")
+    return proc, args
+
+
+def _ranks_of(out):
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "train/main.py" in cmd and out in cmd and "launch" not in cmd:
+            found.append(p)
+    return found
+
+
+def _checkpoint_step(out):
+    ck = os.path.join(out, "checkpoints")
+    name = open(os.path.join(ck, "latest")).read().strip()
+    return json.load(open(os.path.join(ck, name, "trainer_state.json")))["step"]  # complete
+
+
+def test_sigusr1_to_one_rank_saves_and_exits_zero_then_resumes(train_shards, tmp_path):
+    out = str(tmp_path / "run")
+    proc, args = _start_endless_run(train_shards, out, [ACCELERATE, "launch"])
     try:
-        _wait_for(lambda: glob.glob(os.path.join(out, "tb", "events*")) and
-                  os.path.getsize(glob.glob(os.path.join(out, "tb", "events*"))[0]) > 2000,
-                  300, "training to start")
-        workers = [c for c in _children(proc.pid) if "train/main.py" in " ".join(c.cmdline())
-                   and "launch" not in " ".join(c.cmdline())]
+        workers = _ranks_of(out)
         assert len(workers) == 2
         workers[-1].send_signal(signal.SIGUSR1)
         so, se = proc.communicate(timeout=300)
@@ -80,15 +103,40 @@ def test_sigusr1_to_one_rank_saves_and_exits_zero_then_resumes(train_shards, tmp
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, se[-4000:]
-    assert "stop requested (signal)" in so
-    ck = os.path.join(out, "checkpoints")
-    name = open(os.path.join(ck, "latest")).read().strip()
-    step = json.load(open(os.path.join(ck, name, "trainer_state.json")))["step"]
+    assert "stop requested (signal" in so
+    step = _checkpoint_step(out)
     assert step >= 1
     p = launch(ZERO2, "train/main.py", args[:-2] + [f"train.steps={step + 2}",
                                                     "train.resume=latest"])
     check(p)
     assert f"at step {step}" in p.stdout
+
+
+LAUNCHERS = {"train.launch": [sys.executable, "-m", "train.launch"],
+             "accelerate": [ACCELERATE, "launch"]}
+
+
+@pytest.mark.parametrize("launcher, sig, code", [
+    ("train.launch", signal.SIGUSR1, 0),  # forwarded; exits 0 after the checkpoint
+    ("accelerate", signal.SIGTERM, 1),  # torch elastic forwards it, then re-raises: exit 1
+    ("accelerate", signal.SIGUSR1, -signal.SIGUSR1),  # kills the launcher; ranks get SIGTERM
+])
+def test_signal_to_the_launcher_leaves_a_complete_checkpoint(train_shards, tmp_path, launcher,
+                                                             sig, code):
+    out = str(tmp_path / "run")
+    proc, _ = _start_endless_run(train_shards, out, LAUNCHERS[launcher])
+    try:
+        proc.send_signal(sig)
+        so, se = proc.communicate(timeout=300)
+        # the ranks are gone too (none trains on without its launcher) ...
+        _wait_for(lambda: not _ranks_of(out), 120, "the ranks to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, se[-4000:]
+    # ... and they left a complete checkpoint, named by `latest`
+    assert _checkpoint_step(out) >= 1
+    assert not glob.glob(os.path.join(out, "checkpoints", "*.partial"))
 
 
 def test_sigkill_during_checkpoint_keeps_the_previous_one(train_shards, tmp_path):
@@ -148,8 +196,11 @@ def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
 def test_bad_configuration_fails_before_training_with_exit_2(train_shards, tmp_path):
     out = str(tmp_path / "run")
     base = ["--config", DEMO] + tiny_overrides(train_shards, out) + ["train.steps=2"]
-    p = launch(ZERO2, "train/main.py", base + ["data.shards=/no/such/dir"])
-    assert p.returncode != 0 and "does not exist" in p.stderr
+    # through train.launch the rank's exit code 2 reaches the shell (accelerate launch: 1)
+    p = subprocess.run(LAUNCHERS["train.launch"] + ["--config_file", ZERO2, "train/main.py",
+                                                    *base, "data.shards=/no/such/dir"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "shard folder /no/such/dir does not exist" in p.stderr
     p = launch(ZERO2, "train/main.py", base + ["model.in_channels=65"])
     assert "model.in_channels=65 but the shards" in p.stderr
     check(launch(ZERO2, "train/main.py", base))

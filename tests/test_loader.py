@@ -266,3 +266,42 @@ def test_nonfinite_l1_and_size_mismatch_are_named(many_shards, tmp_path):
     json.dump(sizes, open(os.path.join(clean, "sizes.json"), "w"))
     with pytest.raises(samples.SampleError, match=f"{rel}: .* samples, sizes.json says"):
         list(build_loader(cfg(clean, num_workers=0), "train"))
+
+
+def test_truncated_shard_stops_naming_it_or_is_skipped_and_counted(many_shards, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "s")
+    shutil.copytree(many_shards, root)
+    sizes = json.load(open(os.path.join(root, "sizes.json")))
+    rel = sorted(k for k in sizes if k.startswith("train"))[0]
+    path = os.path.join(root, rel)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(samples.ShardError, match=rel):
+        list(build_loader(cfg(root, num_workers=0), "train"))
+    loader = build_loader(cfg(root, num_workers=0, on_error="skip"), "train")
+    got = valid_keys(list(loader))
+    lost = loader.errors["unreadable_shard"]
+    assert 1 <= lost <= sizes[rel] and set(loader.errors) == {"unreadable_shard"}
+    assert len(got) == len(set(got)) == sum(n for k, n in sizes.items()
+                                            if k.startswith("train")) - lost
+
+
+def test_workers_leave_stop_signals_to_their_rank(many_shards):
+    """SLURM and `kill -- -PGID` signal every process: a loader worker that died of SIGTERM
+    would fail the rank before it could save its checkpoint."""
+    import signal
+
+    import psutil
+
+    loader = build_loader(cfg(many_shards, num_workers=1, batch_size=2), "train")
+    it = iter(loader)
+    first = next(it)
+    workers = psutil.Process().children()
+    assert workers
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+        w.send_signal(signal.SIGUSR1)
+    rest = list(it)
+    assert len(valid_keys([first] + rest)) == len(train_keys(many_shards))

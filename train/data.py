@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -398,12 +399,22 @@ class ShardLoader:
                             pin_memory=self.cfg.pin_memory,
                             prefetch_factor=self.cfg.prefetch_factor if nw > 0 else None,
                             persistent_workers=False,
-                            multiprocessing_context="fork" if nw > 0 else None)
+                            multiprocessing_context="fork" if nw > 0 else None,
+                            worker_init_fn=_ignore_stop_signals if nw > 0 else None)
         for batch in loader:
             for k, v in batch.pop("errors").items():
                 self.errors[k] = self.errors.get(k, 0) + v
             self.state.batches_consumed += 1
             yield batch
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to their rank: SLURM and `kill -- -PGID` signal every
+    process, and a worker that died of SIGTERM would fail the rank before it can save."""
+    from train.runtime import STOP_SIGNALS
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1,

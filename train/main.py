@@ -16,7 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.runtime import install_stop_handlers, setup_cpu_deepspeed  # noqa: E402
+from train.runtime import (  # noqa: E402
+    install_stop_handlers,
+    setup_cpu_deepspeed,
+    stop_with_launcher,
+)
 
 
 def parse_args(argv=None):
@@ -32,6 +36,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     install_stop_handlers()  # before the slow imports: a SIGTERM during start-up is kept
+    stop_with_launcher()
     args = parse_args(argv)
     from train.config import ConfigError, describe, load_config
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import sys
 
 # SIGTERM: what schedulers, Kubernetes and torch elastic send; SIGUSR1: the usual SLURM
 # "time is nearly up" signal (`#SBATCH --signal=USR1@120`)
@@ -23,6 +24,21 @@ def install_stop_handlers() -> None:
     it on all ranks, saves a checkpoint and exits 0. Idempotent."""
     for s in STOP_SIGNALS:
         signal.signal(s, _on_stop_signal)
+
+
+def stop_with_launcher() -> None:
+    """Under torch elastic: have the kernel send this rank SIGTERM if its launcher dies (an
+    unhandled signal, the OOM killer), so the ranks checkpoint and stop instead of training
+    on without a launcher. Workers are started from the agent's main thread, so the signal
+    cannot come from a thread ending."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() == 1:  # the launcher was gone before the request took effect
+        _on_stop_signal(int(signal.SIGTERM), None)
 
 
 def stop_signal() -> int | None:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -357,7 +358,9 @@ class Trainer:
                 self.train_loader.set_epoch(self.train_loader.state.epoch + 1)
         bar.close()
         if stopped_by:
-            self._log(f"stop requested (signal): saving a checkpoint at step {self.step}")
+            sig = stop_signal()
+            where = f"{signal.Signals(sig).name} here" if sig else "on another rank"
+            self._log(f"stop requested (signal {where}): saving a checkpoint at step {self.step}")
             self.save_checkpoint()
             return {"stopped": True, "step": self.step}
         self.last_val = self.validate()

@@ -1,0 +1,125 @@
+"""`accelerate launch` with preemption handled at the launcher.
+
+    python -m train.launch --config_file accelerate_configs/multi_gpu_zero2.yaml \\
+        train/main.py --config configs/training/train_vae_l2_supervised.yaml
+
+Takes exactly the arguments of `accelerate launch` (one launcher per node, as usual) and
+differs from it in three ways:
+
+- SIGTERM or SIGUSR1 sent to this process is passed on to the training processes it
+  started. They finish the current step on every rank, save a complete checkpoint and exit
+  0, and then this process exits 0. (A bare `accelerate launch` dies on SIGUSR1 and leaves
+  its ranks without a launcher; on SIGTERM it gives them 30 s and exits 1.)
+- if the ranks are still running TEMPO_VAE_STOP_GRACE_S seconds (default 900) after the
+  signal, they are killed and the exit code is 1. Keep it below the scheduler's own grace
+  period (SLURM KillWait, Kubernetes terminationGracePeriodSeconds).
+- the exit code is that of the first rank that failed, e.g. 2 for a bad configuration,
+  instead of 1 for any failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from train.runtime import STOP_SIGNALS
+
+DEFAULT_GRACE_S = 900.0
+
+
+class _Forwarder:
+    """Passes stop signals to this process's children (the ranks on this node, started by
+    torch elastic or by Accelerate's single-process launcher) and kills them after the grace
+    period."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.signal: int | None = None
+        self.killed = False
+
+    def install(self) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._on_signal)
+
+    def _children(self):
+        import psutil
+
+        return psutil.Process().children(recursive=False)
+
+    def _on_signal(self, signum, frame) -> None:
+        first = self.signal is None
+        self.signal = signum
+        name = signal.Signals(signum).name
+        children = self._children()
+        print(f"train.launch: {name}: asking {len(children)} training process(es) to save a "
+              f"checkpoint and stop (grace {self.grace_s:g} s)", file=sys.stderr, flush=True)
+        for c in children:
+            try:
+                c.send_signal(signum)
+            except Exception:  # it exited meanwhile
+                pass
+        if first:
+            t = threading.Timer(self.grace_s, self._kill)
+            t.daemon = True
+            t.start()
+
+    def _kill(self) -> None:
+        self.killed = True
+        print(f"train.launch: the training processes did not stop within {self.grace_s:g} s "
+              "of the signal; killing them", file=sys.stderr, flush=True)
+        for c in self._children():
+            try:
+                c.kill()
+            except Exception:
+                pass
+
+
+def _grace_from_env() -> float:
+    raw = os.environ.get("TEMPO_VAE_STOP_GRACE_S", str(DEFAULT_GRACE_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise SystemExit(f"train.launch: TEMPO_VAE_STOP_GRACE_S={raw!r} must be a positive "
+                         "number of seconds")
+    return value
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("Options of `accelerate launch` follow.\n", flush=True)
+    grace = _grace_from_env()
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    # torch elastic would install its own SIGTERM handler (30 s, then exit 1); leave SIGTERM
+    # and SIGUSR1 to the forwarder, keep its handling of the interactive signals
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    fwd = _Forwarder(grace)
+    fwd.install()
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        how = (f"exit code {failure.exitcode}" if failure.exitcode > 0
+               else f"signal {failure.signal_name()}")
+        print(f"train.launch: rank {rank} failed ({how}); exiting {code}", file=sys.stderr)
+        return 1 if fwd.killed else code
+    except subprocess.CalledProcessError as e:  # Accelerate's single-process launcher
+        return 1 if fwd.killed else (e.returncode if e.returncode > 0 else 1)
+    if fwd.signal is not None:
+        print(f"train.launch: stopped by {signal.Signals(fwd.signal).name} after a checkpoint",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
