@@ -197,12 +197,40 @@ def test_bad_configuration_fails_before_training_with_exit_2(train_shards, tmp_p
     out = str(tmp_path / "run")
     base = ["--config", DEMO] + tiny_overrides(train_shards, out) + ["train.steps=2"]
     # through train.launch the rank's exit code 2 reaches the shell (accelerate launch: 1)
-    p = subprocess.run(LAUNCHERS["train.launch"] + ["--config_file", ZERO2, "train/main.py",
-                                                    *base, "data.shards=/no/such/dir"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    p = launch(ZERO2, "train/main.py", base + ["data.shards=/no/such/dir"],
+               launcher=LAUNCHERS["train.launch"])
     assert p.returncode == 2 and "shard folder /no/such/dir does not exist" in p.stderr
     p = launch(ZERO2, "train/main.py", base + ["model.in_channels=65"])
     assert "model.in_channels=65 but the shards" in p.stderr
     check(launch(ZERO2, "train/main.py", base))
     p = launch(ZERO2, "train/main.py", base + ["model.latent_channels=8", "train.resume=latest"])
     assert p.returncode != 0 and "cannot resume" in p.stderr and "latent_channels" in p.stderr
+
+
+FAULTY = "tests/helpers/faulty_main.py"
+
+
+@pytest.mark.parametrize("fault, mode", [
+    ("nan_loss:3:1", "raise"), ("nan_loss:3:1", "skip"),  # on rank 1 only
+    ("inf_grad:3", "raise"), ("inf_grad:3", "skip")])
+def test_nonfinite_step_stops_naming_it_or_is_skipped_and_counted(train_shards, tmp_path,
+                                                                  fault, mode):
+    out = str(tmp_path / "run")
+    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+        "train.steps=5", "train.ckpt_every=0", f"train.on_nonfinite={mode}"]
+    p = launch(ZERO2, FAULTY, args, launcher=LAUNCHERS["train.launch"], TEMPO_VAE_FAULT=fault)
+    what = "loss" if fault.startswith("nan_loss") else "gradient norm (inf)"
+    if mode == "raise":
+        assert p.returncode == 3, p.stderr[-3000:]
+        assert f"non-finite {what} at step 3" in p.stderr
+        assert "batch keys ['" in p.stderr and "train.on_nonfinite=skip" in p.stderr
+        if what == "loss":
+            assert "rank 1 terms: ['nll', 'recon_l1', 'loss']" in p.stderr  # offending terms
+        assert not os.path.exists(os.path.join(out, "checkpoints"))  # nothing bad is saved
+        return
+    check(p)
+    assert p.stderr.count("warning: skipped step (1 so far)") == 2  # both ranks
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["step"] == 5 and summary["skipped_steps"] == 1
+    assert all(v == v for v in losses(out).values())  # nothing non-finite reached the model
+    assert dict(scalars(out, "train/skipped_steps"))[5] == 1

@@ -26,9 +26,11 @@ def env():
     return e
 
 
-def launch(config_file, script, args, extra=(), timeout=500):
-    cmd = [ACCELERATE, "launch", "--config_file", config_file, *extra, script, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+def launch(config_file, script, args, extra=(), timeout=500, launcher=None, **env_vars):
+    """Run ``launcher`` (default: accelerate launch) and wait for it."""
+    cmd = [*(launcher or [ACCELERATE, "launch"]), "--config_file", config_file, *extra, script,
+           *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env() | env_vars, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -113,6 +113,8 @@ class TrainConfig:
     peak_tflops: float = F(0.0, "device bf16 peak TFLOP/s for MFU (0: from the device name)")
     on_nonfinite: str = F("raise", "non-finite loss/grad: 'raise' (stop, naming the term and "
                                    "keys) or 'skip' (skip the step, counted)")
+    max_skipped_in_a_row: int = F(20, "with on_nonfinite=skip: stop after this many "
+                                      "consecutive skipped steps (the run has diverged)")
     progress: bool = F(True, "progress bar on the main process")
 
 
@@ -257,6 +259,7 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
     need(cfg.train.steps >= 1, "train.steps", "must be >= 1")
     need(cfg.train.on_nonfinite in ("raise", "skip"), "train.on_nonfinite", "raise or skip")
+    need(cfg.train.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", "must be >= 1")
 
 
 def to_dict(cfg: Config) -> dict:

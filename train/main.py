@@ -5,7 +5,8 @@
 
 Also runs as a single process: ``python train/main.py --config ...``. Exit codes: 0 done
 (or stopped by SIGTERM/SIGUSR1 after saving a checkpoint), 2 bad configuration or data
-(the message names the key or file and the fix), 1 any other failure.
+(the message names the key or file and the fix), 3 a non-finite loss or gradient (the
+message names the step, the terms and the batch's sample keys), 1 any other failure.
 """
 
 from __future__ import annotations
@@ -53,11 +54,16 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from train.trainer import NonFiniteError
+
     try:
         trainer.fit()
     except ConfigError as e:  # e.g. resuming with an incompatible model config
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

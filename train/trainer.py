@@ -129,6 +129,7 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.skipped_steps = 0
+        self.skipped_in_a_row = 0
         self.last_val: dict = {}
         self.writer = None
         self.flops_per_sample = train_flops_per_sample(cfg.model)
@@ -251,12 +252,8 @@ class Trainer:
             bad, stop = self._all_flags(bad_local)
             if bad:
                 names = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
-                msg = (f"non-finite loss at step {self.step + 1} (rank {self.rank} terms: "
-                       f"{names or 'finite here'}; batch keys {batch['keys']})")
-                if self.cfg.train.on_nonfinite == "raise":
-                    raise NonFiniteError(msg + "; set train.on_nonfinite=skip to skip such steps")
-                self.skipped_steps += 1
-                print(f"warning: skipped step: {msg}", file=sys.stderr, flush=True)
+                self._nonfinite(f"non-finite loss at step {self.step + 1} (rank {self.rank} "
+                                f"terms: {names or 'finite here'}; batch keys {batch['keys']})")
                 self.optimizer.zero_grad()
                 return {"_stop": stop}
             acc.backward(terms["loss"])
@@ -264,6 +261,16 @@ class Trainer:
             if acc.sync_gradients:
                 clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
                 grad_norm = acc.clip_grad_norm_(model.parameters(), clip)
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    # the global norm: every rank takes this branch. Under DeepSpeed the
+                    # update is already dropped (ZeRO 1-3 skip a step whose gradient norm
+                    # is not finite); otherwise it is dropped here, before optimizer.step
+                    self._nonfinite(f"non-finite gradient norm ({float(grad_norm)}) at step "
+                                    f"{self.step + 1} with a finite loss; batch keys "
+                                    f"{batch['keys']} (rank {self.rank})")
+                    self.optimizer.zero_grad()
+                    return {"_stop": stop}
+            self.skipped_in_a_row = 0
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
@@ -274,6 +281,20 @@ class Trainer:
         result["_stop"] = stop
         result["_synced"] = acc.sync_gradients
         return result
+
+    def _nonfinite(self, msg: str) -> None:
+        """Raise (default) or count a skipped step; all ranks call this together."""
+        if self.cfg.train.on_nonfinite == "raise":
+            raise NonFiniteError(msg + "; set train.on_nonfinite=skip to skip such steps")
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        print(f"warning: skipped step ({self.skipped_steps} so far): {msg}", file=sys.stderr,
+              flush=True)
+        if self.skipped_in_a_row >= self.cfg.train.max_skipped_in_a_row:
+            raise NonFiniteError(f"{self.skipped_in_a_row} steps in a row were non-finite "
+                                 f"(train.max_skipped_in_a_row); last: {msg}. The run has "
+                                 "diverged: resume from an earlier checkpoint with a lower "
+                                 "optim.lr or a stronger optim.grad_clip")
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -408,6 +429,7 @@ class Trainer:
                 for k, v in vals.items():
                     self.writer.add_scalar(f"train/{k}", v, self.step)
                 self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
                 self.writer.add_scalar("perf/tiles_per_s", tiles_per_s, self.step)
                 self.writer.add_scalar("perf/data_wait_fraction", window["wait"] / max(dt, 1e-9),
                                        self.step)

@@ -1,0 +1,100 @@
+"""train/main.py with one fault injected, for the fault tests. Launched like main.py
+(`accelerate launch ... tests/helpers/faulty_main.py --config ...`); the fault comes from
+TEMPO_VAE_FAULT=KIND:NUMBER[:RANK] (RANK: every rank when left out):
+
+  nan_loss:S      the reconstruction term of training micro-step S is NaN
+  inf_grad:S      the loss of micro-step S is finite but its gradients are not
+  no_space:N      the N-th checkpoint's free-space check sees a full disk
+  enospc_write:S  at the checkpoint of step S, writing the rank's files fails with ENOSPC
+"""
+
+import errno
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from train import main as main_module  # noqa: E402
+
+
+def _fault():
+    kind, step, *rank = os.environ["TEMPO_VAE_FAULT"].split(":")
+    here = int(os.environ.get("RANK", "0"))
+    return kind, int(step), (not rank or int(rank[0]) == here)
+
+
+def _install(kind: str, step: int, here: bool) -> None:
+    import shutil
+
+    import torch
+
+    import train.trainer as trainer_module
+
+    calls = {"n": 0}
+    if kind == "nan_loss" and here:
+        build_loss = trainer_module.build_loss
+
+        class PoisonedLoss:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+            def __call__(self, out, *args, **kw):
+                calls["n"] += 1
+                if calls["n"] == step:
+                    out = dict(out, recon=out["recon"] * float("nan"))
+                return self.inner(out, *args, **kw)
+        trainer_module.build_loss = lambda cfg: PoisonedLoss(build_loss(cfg))
+    elif kind == "inf_grad" and here:
+        class InfGrad(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, g):
+                return g * float("inf")
+
+        build_model = trainer_module.build_model
+
+        def faulty_build_model(*args, **kw):
+            m = build_model(*args, **kw)
+
+            def hook(module, inputs, out):
+                if not module.training or out["recon"].device.type == "meta":
+                    return out
+                calls["n"] += 1
+                if calls["n"] == step:
+                    out = dict(out, recon=InfGrad.apply(out["recon"]))
+                return out
+            m.register_forward_hook(hook)
+            return m
+        trainer_module.build_model = faulty_build_model
+    elif kind == "no_space" and here:
+        disk_usage = shutil.disk_usage
+
+        def full_disk(path):
+            u = disk_usage(path)
+            if os.path.basename(os.path.normpath(path)) == "checkpoints":
+                calls["n"] += 1
+                if calls["n"] == step:
+                    return type(u)(u.total, u.total, 0)
+            return u
+        shutil.disk_usage = full_disk
+    elif kind == "enospc_write" and here:
+        save = torch.save
+
+        def failing_save(obj, f, *args, **kw):
+            if f"step_{step:08d}.partial" in str(f):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            return save(obj, f, *args, **kw)
+        torch.save = failing_save
+    elif kind not in ("nan_loss", "inf_grad", "no_space", "enospc_write"):
+        raise SystemExit(f"TEMPO_VAE_FAULT: unknown kind {kind!r}")
+
+
+if __name__ == "__main__":
+    _install(*_fault())
+    sys.exit(main_module.main())
