@@ -234,3 +234,30 @@ def test_nonfinite_step_stops_naming_it_or_is_skipped_and_counted(train_shards, 
     assert summary["step"] == 5 and summary["skipped_steps"] == 1
     assert all(v == v for v in losses(out).values())  # nothing non-finite reached the model
     assert dict(scalars(out, "train/skipped_steps"))[5] == 1
+
+
+@pytest.mark.parametrize("fault", ["no_space:2:1", "enospc_write:4:1"])
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(train_shards, tmp_path, fault):
+    """no_space: the free-space check before the second save fails on rank 1 (all ranks stop
+    together, nothing written). enospc_write: rank 1's writes of that save fail midway
+    (ENOSPC from the write itself); the job stops from that rank."""
+    out = str(tmp_path / "run")
+    ck = os.path.join(out, "checkpoints")
+    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+        "train.steps=6", "train.ckpt_every=2"]
+    t0 = time.time()
+    p = launch(ZERO2, FAULTY, args, launcher=LAUNCHERS["train.launch"], TEMPO_VAE_FAULT=fault)
+    assert p.returncode == 4, p.stderr[-3000:]
+    assert time.time() - t0 < 240  # the other rank is not left waiting in a collective
+    if fault.startswith("no_space"):
+        assert "cannot save checkpoint step_00000004 (rank 1: 0.00 GB free in" in p.stderr
+    else:
+        assert "checkpoint step_00000004 could not be written on rank 1: [Errno 28]" in p.stderr
+    assert "step_00000002, is intact" in p.stderr
+    assert open(os.path.join(ck, "latest")).read().strip() == "step_00000002"
+    assert _checkpoint_step(out) == 2
+    if fault.startswith("enospc"):  # the half-written save is dropped and training resumes
+        p = launch(ZERO2, "train/main.py", args + ["train.resume=latest"])
+        check(p)
+        assert "at step 2" in p.stdout and "removing incomplete checkpoint" in p.stdout
+        assert open(os.path.join(ck, "latest")).read().strip() == "step_00000006"

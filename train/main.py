@@ -6,7 +6,10 @@
 Also runs as a single process: ``python train/main.py --config ...``. Exit codes: 0 done
 (or stopped by SIGTERM/SIGUSR1 after saving a checkpoint), 2 bad configuration or data
 (the message names the key or file and the fix), 3 a non-finite loss or gradient (the
-message names the step, the terms and the batch's sample keys), 1 any other failure.
+message names the step, the terms and the batch's sample keys), 4 a checkpoint could not be
+written (disk full, folder not writable; the previous checkpoint is intact), 1 any other
+failure. Under `accelerate launch` the launcher exits 1 whatever the rank's code;
+`python -m train.launch` passes it on.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train.trainer import NonFiniteError
+    from train.trainer import EXIT_CHECKPOINT, EXIT_NONFINITE, CheckpointError, NonFiniteError
 
     try:
         trainer.fit()
@@ -63,7 +66,10 @@ def main(argv=None) -> int:
         return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
     return 0
 
 

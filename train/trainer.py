@@ -69,7 +69,15 @@ def train_flops_per_sample(model_cfg) -> float:
 
 
 class NonFiniteError(RuntimeError):
-    pass
+    """A non-finite loss or gradient with train.on_nonfinite=raise (exit code 3)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact (exit code 4)."""
+
+
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 4
 
 
 class Trainer:
@@ -158,29 +166,109 @@ class Trainer:
             print(msg, flush=True)
 
     def save_checkpoint(self) -> str:
+        """Write ``step_N.partial`` on every rank, then (rank 0) rename it to ``step_N`` and
+        point ``latest`` at it. A checkpoint that cannot be written never touches ``latest``:
+        a full or unwritable disk found beforehand stops every rank together with
+        CheckpointError; a write that fails midway stops the job from the failing rank."""
         acc = self.acc
         name = f"step_{self.step:08d}"
         final = os.path.join(self.ckpt_dir, name)
         tmp = final + ".partial"
+        self._preflight(name)
         if self.is_main:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(tmp)  # every rank (DeepSpeed shards its states)
-        torch.save({"generator": self.gen.get_state(), "loader": self.train_loader.state_dict()},
-                   os.path.join(tmp, f"trainer_rank{self.rank}.pt"))
+        try:
+            acc.save_state(tmp)  # every rank (DeepSpeed shards its states)
+            torch.save({"generator": self.gen.get_state(),
+                        "loader": self.train_loader.state_dict()},
+                       os.path.join(tmp, f"trainer_rank{self.rank}.pt"))
+        except Exception as e:
+            self._abort_save(name, e)
         acc.wait_for_everyone()
         if self.is_main:
-            atomic_write_json(os.path.join(tmp, "trainer_state.json"),
-                              self.state_dict() | {"world_size": self.world})
-            atomic_write_bytes(os.path.join(tmp, "config.yaml"), dump(self.cfg).encode())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # complete: only now does it get its real name
-            atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"), (name + "\n").encode())
+            try:
+                atomic_write_json(os.path.join(tmp, "trainer_state.json"),
+                                  self.state_dict() | {"world_size": self.world})
+                atomic_write_bytes(os.path.join(tmp, "config.yaml"), dump(self.cfg).encode())
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)  # complete: only now does it get its real name
+                atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"),
+                                   (name + "\n").encode())
+            except Exception as e:
+                self._abort_save(name, e)
             self._rotate(keep=name)
         acc.wait_for_everyone()
         return final
+
+    def _last_checkpoint(self) -> str | None:
+        try:
+            name = open(os.path.join(self.ckpt_dir, "latest")).read().strip()
+        except OSError:
+            return None
+        return os.path.join(self.ckpt_dir, name) if name else None
+
+    def _intact(self) -> str:
+        last = self._last_checkpoint()
+        return (f"the last complete checkpoint, {last}, is intact (train.resume=latest)"
+                if last else "there is no earlier checkpoint")
+
+    def _checkpoint_bytes(self) -> int:
+        """Room one more checkpoint needs: the size of the last one, or, before the first,
+        16 bytes per parameter (weights, fp32 master copy and two Adam moments)."""
+        last = self._last_checkpoint()
+        if last and os.path.isdir(last):
+            return sum(os.path.getsize(os.path.join(d, f))
+                       for d, _, files in os.walk(last) for f in files)
+        return 16 * self.n_params
+
+    def _preflight(self, name: str) -> None:
+        """Every rank checks that it can write the checkpoint folder and that it has room
+        for one more checkpoint; all ranks agree before anything is written."""
+        problem = ""
+        try:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            probe = os.path.join(self.ckpt_dir, f".write_test.rank{self.rank}")
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.remove(probe)
+            need = int(self._checkpoint_bytes() * 1.05) + (16 << 20)
+            free = shutil.disk_usage(self.ckpt_dir).free
+            if free < need:
+                problem = (f"{free / 1e9:.2f} GB free in {self.ckpt_dir}, a checkpoint needs "
+                           f"about {need / 1e9:.2f} GB")
+        except OSError as e:
+            problem = f"cannot write to {self.ckpt_dir}: {e}"
+        flags = torch.tensor([float(bool(problem))], device=self.acc.device)
+        if self.world > 1:
+            flags = self.acc.reduce(flags, reduction="sum")
+        if flags.item() > 0:
+            where = f"rank {self.rank}: {problem}" if problem else "a problem on another rank"
+            raise CheckpointError(
+                f"cannot save checkpoint {name} ({where}); {self._intact()}. Free space (or "
+                "lower train.keep_last) or set train.output_dir to a writable place, then "
+                "resume")
+
+    def _abort_save(self, name: str, err: Exception) -> None:
+        """A write failed midway on this rank. The other ranks are inside the save's
+        collectives and cannot be told, so with several ranks this one exits at once and the
+        launcher stops the rest; ``latest`` still names the previous checkpoint."""
+        if isinstance(err, OSError):
+            what = f"could not be written on rank {self.rank}: {err}"
+        else:  # typically a collective broken by a peer that failed to write
+            first = str(err).splitlines()[0][:300] if str(err) else ""
+            what = (f"was interrupted on rank {self.rank} ({type(err).__name__}: {first}); a "
+                    "write error reported by another rank is the likely cause")
+        msg = (f"checkpoint {name} {what}; {self._intact()}; the incomplete {name}.partial "
+               "is removed at the next start")
+        if self.world == 1:
+            raise CheckpointError(msg) from err
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        if self.writer is not None:
+            self.writer.flush()
+        sys.stdout.flush()
+        os._exit(EXIT_CHECKPOINT)
 
     def _rotate(self, keep: str) -> None:
         done = sorted(d for d in os.listdir(self.ckpt_dir)
