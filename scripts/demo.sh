@@ -15,5 +15,5 @@ if [ ! -f "$DATA/shards/sizes.json" ]; then
     python -m data_prep.inspect_shards "$DATA/shards" --quiet
 fi
 export DS_ACCELERATOR=cpu
-exec accelerate launch --config_file accelerate_configs/cpu_deepspeed_zero2_fp32.yaml \
+exec python -m train.launch --config_file accelerate_configs/cpu_deepspeed_zero2_fp32.yaml \
     train/main.py --config configs/training/demo.yaml data.shards="$DATA/shards" "$@"

@@ -106,6 +106,8 @@ def test_sigusr1_to_one_rank_saves_and_exits_zero_then_resumes(train_shards, tmp
     assert "stop requested (signal" in so
     step = _checkpoint_step(out)
     assert step >= 1
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["finished"] is False and summary["step"] == step
     p = launch(ZERO2, "train/main.py", args[:-2] + [f"train.steps={step + 2}",
                                                     "train.resume=latest"])
     check(p)
@@ -186,11 +188,17 @@ def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
     p = launch(ZERO2, "train/main.py", args)
     assert p.returncode != 0
     assert f"sample '{key}': missing members ['json']" in p.stderr
+    # and a truncated shard: with skip, both are counted, per reason
+    cut = sorted(k for k in sizes if k.startswith("train"))[-1]
+    with open(os.path.join(root, cut), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(root, cut)) // 2)
     p = launch(ZERO2, "train/main.py", args + ["data.on_error=skip"])
     check(p)
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["data_errors"] == {"missing_members": 1}
-    assert "missing_members" in p.stdout + p.stderr
+    lost = summary["data_errors"].pop("unreadable_shard")
+    assert 1 <= lost <= sizes[cut] and summary["data_errors"] == {"missing_members": 1}
+    assert "missing_members" in p.stderr and "unreadable_shard" in p.stderr
+    assert dict(scalars(out, "data/skipped_missing_members"))[3] == 1
 
 
 def test_bad_configuration_fails_before_training_with_exit_2(train_shards, tmp_path):

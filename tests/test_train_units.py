@@ -145,3 +145,24 @@ def test_main_exits_2_on_bad_config(capsys):
     assert "unknown key bogus" in capsys.readouterr().err
     assert main.main(["--config", p, "data.shards=/nonexistent/shards"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_skipping_nonfinite_steps_stops_a_diverged_run():
+    from types import SimpleNamespace
+
+    from train.config import load_config
+    from train.trainer import NonFiniteError, Trainer
+
+    cfg = load_config(None, ["train.on_nonfinite=skip", "train.max_skipped_in_a_row=3"])
+    t = SimpleNamespace(cfg=cfg, skipped_steps=0, skipped_in_a_row=0)
+    Trainer._nonfinite(t, "step 1")
+    Trainer._nonfinite(t, "step 2")
+    t.skipped_in_a_row = 0  # a good step in between resets the run of skips
+    Trainer._nonfinite(t, "step 4")
+    Trainer._nonfinite(t, "step 5")
+    with pytest.raises(NonFiniteError, match="3 steps in a row.*last: step 6.*lower optim.lr"):
+        Trainer._nonfinite(t, "step 6")
+    assert t.skipped_steps == 5
+    t.cfg = load_config(None, [])  # default: raise at once, with the fix named
+    with pytest.raises(NonFiniteError, match="step 7; set train.on_nonfinite=skip"):
+        Trainer._nonfinite(t, "step 7")

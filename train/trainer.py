@@ -470,13 +470,18 @@ class Trainer:
             sig = stop_signal()
             where = f"{signal.Signals(sig).name} here" if sig else "on another rank"
             self._log(f"stop requested (signal {where}): saving a checkpoint at step {self.step}")
-            self.save_checkpoint()
-            return {"stopped": True, "step": self.step}
+            path = self.save_checkpoint()
+            summary = {"finished": False, "stopped_by": "signal", "step": self.step,
+                       "checkpoint": path, "samples_seen": self.samples_seen,
+                       "skipped_steps": self.skipped_steps}
+            if self.is_main:  # what a job script reads to decide whether to requeue
+                atomic_write_json(os.path.join(self.out_dir, "summary.json"), summary)
+            return summary
         self.last_val = self.validate()
         self._write_val(self.last_val)
         if cfg.train.ckpt_every >= 0:
             self.save_checkpoint()
-        summary = {"step": self.step, "samples_seen": self.samples_seen,
+        summary = {"finished": True, "step": self.step, "samples_seen": self.samples_seen,
                    "skipped_steps": self.skipped_steps, "data_errors": self._data_errors(),
                    "val": self.last_val}
         if self.is_main:
