@@ -141,6 +141,26 @@ def test_signal_to_the_launcher_leaves_a_complete_checkpoint(train_shards, tmp_p
     assert not glob.glob(os.path.join(out, "checkpoints", "*.partial"))
 
 
+def test_signal_while_the_ranks_start_still_saves_and_exits_zero(train_shards, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+        "train.steps=100000", "train.ckpt_every=0"]
+    proc = subprocess.Popen(LAUNCHERS["train.launch"] + ["--config_file", ZERO2,
+                                                         "train/main.py", *args],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(_ranks_of(out)) == 2, 120, "the ranks to start")
+        time.sleep(1.0)  # they are importing and initialising, long before the first step
+        proc.send_signal(signal.SIGTERM)
+        so, se = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, se[-4000:]
+    assert _checkpoint_step(out) == 1  # the first step, then the stop
+
+
 def test_sigkill_during_checkpoint_keeps_the_previous_one(train_shards, tmp_path):
     out = str(tmp_path / "run")
     ck = os.path.join(out, "checkpoints")

@@ -166,3 +166,19 @@ def test_skipping_nonfinite_steps_stops_a_diverged_run():
     t.cfg = load_config(None, [])  # default: raise at once, with the fix named
     with pytest.raises(NonFiniteError, match="step 7; set train.on_nonfinite=skip"):
         Trainer._nonfinite(t, "step 7")
+
+
+def test_a_stop_signal_sent_before_a_rank_started_is_inherited():
+    """train.launch passes a stop that came before the ranks existed in the environment."""
+    import subprocess
+    import sys
+
+    code = ("from train.runtime import install_stop_handlers, stop_signal; "
+            "install_stop_handlers(); print(stop_signal())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(**env):
+        return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                              text=True, env=os.environ | env, check=True).stdout.strip()
+    assert run(TEMPO_VAE_STOP_SIGNAL="10") == "10"
+    assert run() == "None"

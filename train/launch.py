@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 
-from train.runtime import STOP_SIGNALS
+from train.runtime import STOP_ENV, STOP_SIGNALS
 
 DEFAULT_GRACE_S = 900.0
 
@@ -33,7 +33,7 @@ DEFAULT_GRACE_S = 900.0
 class _Forwarder:
     """Passes stop signals to this process's children (the ranks on this node, started by
     torch elastic or by Accelerate's single-process launcher) and kills them after the grace
-    period."""
+    period. Ranks not started yet inherit the request through the environment."""
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
@@ -52,15 +52,16 @@ class _Forwarder:
     def _on_signal(self, signum, frame) -> None:
         first = self.signal is None
         self.signal = signum
-        name = signal.Signals(signum).name
+        os.environ[STOP_ENV] = str(int(signum))  # for ranks spawned from now on
         children = self._children()
-        print(f"train.launch: {name}: asking {len(children)} training process(es) to save a "
-              f"checkpoint and stop (grace {self.grace_s:g} s)", file=sys.stderr, flush=True)
         for c in children:
             try:
                 c.send_signal(signum)
             except Exception:  # it exited meanwhile
                 pass
+        print(f"train.launch: {signal.Signals(signum).name}: asked {len(children)} training "
+              f"process(es) to save a checkpoint and stop (grace {self.grace_s:g} s)",
+              file=sys.stderr, flush=True)
         if first:
             t = threading.Timer(self.grace_s, self._kill)
             t.daemon = True
@@ -91,10 +92,11 @@ def _grace_from_env() -> float:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    fwd = _Forwarder(_grace_from_env())
+    fwd.install()  # before the slow imports: a signal during start-up is kept
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("Options of `accelerate launch` follow.\n", flush=True)
-    grace = _grace_from_env()
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -102,8 +104,6 @@ def main(argv=None) -> int:
     # torch elastic would install its own SIGTERM handler (30 s, then exit 1); leave SIGTERM
     # and SIGUSR1 to the forwarder, keep its handling of the interactive signals
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
-    fwd = _Forwarder(grace)
-    fwd.install()
     try:
         launch_command(args)
     except ChildFailedError as e:

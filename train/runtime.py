@@ -13,6 +13,8 @@ import sys
 # "time is nearly up" signal (`#SBATCH --signal=USR1@120`)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
+# set by train.launch when a stop signal came before this rank was started
+STOP_ENV = "TEMPO_VAE_STOP_SIGNAL"
 
 
 def _on_stop_signal(signum, frame) -> None:
@@ -24,6 +26,9 @@ def install_stop_handlers() -> None:
     it on all ranks, saves a checkpoint and exits 0. Idempotent."""
     for s in STOP_SIGNALS:
         signal.signal(s, _on_stop_signal)
+    inherited = os.environ.get(STOP_ENV, "")
+    if inherited.isdigit() and not _received:
+        _received.append(int(inherited))
 
 
 def stop_with_launcher() -> None:
