@@ -155,14 +155,15 @@ def process_unit(out_dir: str, unit: Unit, granules: dict[str, GranuleFiles], me
             del ag
     finally:
         writer.close()
-    shards = {}
+    shards, nbytes = {}, {}
     for name in sorted(counts):
         rel = f"{unit.split}/{unit.id}-{name}"
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, rel))
         shards[rel] = counts[name]
+        nbytes[rel] = os.path.getsize(os.path.join(out_dir, rel))
     shutil.rmtree(tmp, ignore_errors=True)
     done = {"unit": unit.id, "split": unit.split, "granules": unit.granules, "shards": shards,
-            "records": records, "reports": reports, "errors": errors}
+            "shard_bytes": nbytes, "records": records, "reports": reports, "errors": errors}
     atomic_write_json(os.path.join(out_dir, ".done", f"{unit.id}.json"), done)
     return done
 
@@ -202,10 +203,12 @@ def _check_out_dir(out_dir: str, plan: dict, overwrite: bool) -> None:
 
 def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) -> dict:
     sizes: dict[str, int] = {}
+    nbytes: dict[str, int] = {}
     tiles, reports, errors = [], {}, {}
     for u in units:
         d = read_json(os.path.join(out_dir, ".done", f"{u.id}.json"))
         sizes.update(d["shards"])
+        nbytes.update(d.get("shard_bytes", {}))
         tiles.extend(d["records"])
         reports.update(d["reports"])
         errors.update(d["errors"])
@@ -227,6 +230,7 @@ def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) 
                    "written": written, "dropped": dropped, "per_split": per_split,
                    "granules": len(split), "granule_errors": len(errors),
                    "ignored_files": len(ignored)},
+        "shard_bytes": dict(sorted(nbytes.items())),  # the trainer checks these at start
         "granule_errors": errors,
         "ignored_files": [{"path": p, "reason": r} for p, r in ignored],
         "granules": reports,

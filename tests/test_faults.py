@@ -230,6 +230,18 @@ def test_bad_configuration_fails_before_training_with_exit_2(train_shards, tmp_p
     assert p.returncode == 2 and "shard folder /no/such/dir does not exist" in p.stderr
     p = launch(ZERO2, "train/main.py", base + ["model.in_channels=65"])
     assert "model.in_channels=65 but the shards" in p.stderr
+    # a DeepSpeed JSON whose fixed batch size does not match batch x accumulation x ranks
+    ds = json.load(open(os.path.join(ROOT, "accelerate_configs", "ds_zero2.json")))
+    ds["train_batch_size"] = 64
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps(ds))
+    acc_path = tmp_path / "accelerate.yaml"
+    acc_path.write_text(open(ZERO2).read().replace("accelerate_configs/ds_zero2.json",
+                                                   str(ds_path)))
+    p = launch(str(acc_path), "train/main.py", base, launcher=LAUNCHERS["train.launch"])
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert ("sets train_batch_size=64 but data.batch_size x optim.grad_accum x 2 ranks gives 8"
+            in p.stderr)
     check(launch(ZERO2, "train/main.py", base))
     p = launch(ZERO2, "train/main.py", base + ["model.latent_channels=8", "train.resume=latest"])
     assert p.returncode != 0 and "cannot resume" in p.stderr and "latent_channels" in p.stderr

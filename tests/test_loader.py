@@ -203,7 +203,9 @@ def test_l2_transform_roundtrip():
 
 
 def _corrupt_member(root, rel, key, ext, data):
-    """Rewrite shard ``rel`` with member ``key.ext`` replaced by ``data`` (or removed)."""
+    """Rewrite shard ``rel`` with member ``key.ext`` replaced by ``data`` (or removed), and
+    record its new size in the manifest, as if make_shards had written it so: the damage
+    is then for the reader to find (the start-up size check is tested separately)."""
     import tarfile
 
     path = os.path.join(root, rel)
@@ -219,6 +221,10 @@ def _corrupt_member(root, rel, key, ext, data):
             import io
 
             t.addfile(m, io.BytesIO(d))
+    man_path = os.path.join(root, "manifest.json")
+    man = json.load(open(man_path))
+    man["shard_bytes"][rel] = os.path.getsize(path)
+    atomic_write_json(man_path, man)
 
 
 def test_bad_sample_stops_with_key_or_is_skipped_and_counted(many_shards, tmp_path):
@@ -278,6 +284,13 @@ def test_truncated_shard_stops_naming_it_or_is_skipped_and_counted(many_shards, 
     path = os.path.join(root, rel)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
+    # found before reading: its size differs from the one make_shards recorded
+    with pytest.raises(DataError, match=f"1 train shard.*{rel}: .* bytes, the manifest says"):
+        build_loader(cfg(root, num_workers=0), "train")
+    # without the manifest's sizes, the reader still stops at the damage and names it
+    man = json.load(open(os.path.join(root, "manifest.json")))
+    del man["shard_bytes"]
+    atomic_write_json(os.path.join(root, "manifest.json"), man)
     with pytest.raises(samples.ShardError, match=rel):
         list(build_loader(cfg(root, num_workers=0), "train"))
     loader = build_loader(cfg(root, num_workers=0, on_error="skip"), "train")

@@ -58,7 +58,10 @@ class ShardSet:
     manifest: dict
 
     @classmethod
-    def open(cls, root: str, split: str) -> ShardSet:
+    def open(cls, root: str, split: str, strict: bool = True) -> ShardSet:
+        """The shards of ``split`` in ``root``. ``strict``: also fail when a shard's byte size
+        differs from the one make_shards recorded (truncated or rewritten); otherwise the
+        reader finds and counts the damage."""
         sizes_path = os.path.join(root, "sizes.json")
         if not os.path.isdir(root):
             raise DataError(f"shard folder {root} does not exist; make it with "
@@ -80,6 +83,16 @@ class ShardSet:
         order = tuple(manifest.get("l2_order", L2_ORDER))
         if order != L2_ORDER:
             raise DataError(f"{man_path}: l2_order {order} differs from {L2_ORDER}")
+        expected = manifest.get("shard_bytes", {})
+        wrong = {k: os.path.getsize(os.path.join(root, k)) for k in sizes if k in expected}
+        wrong = {k: n for k, n in wrong.items() if n != expected[k]}
+        if strict and wrong:
+            k = sorted(wrong)[0]
+            raise DataError(
+                f"{len(wrong)} {split} shard(s) in {root} differ in size from {man_path} "
+                f"(truncated or rewritten), e.g. {k}: {wrong[k]} bytes, the manifest says "
+                f"{expected[k]}; re-create them (data_prep.make_shards ... --overwrite) or set "
+                "data.on_error=skip to train without the samples they lose (counted)")
         return cls(root, split, dict(sorted(sizes.items())), read_json(
             os.path.join(root, "stats.json")), manifest)
 
@@ -420,7 +433,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1,
                  train: bool | None = None) -> ShardLoader:
     """Loader of ``split`` ('train' or 'val') for one rank, from the ``data`` config section."""
-    shards = ShardSet.open(cfg.shards, split)
+    shards = ShardSet.open(cfg.shards, split, strict=cfg.on_error != "skip")
     is_train = (split == "train") if train is None else train
     if not is_train and cfg.num_workers > 0:
         # validation: never more readers than shards (padding covers the rest)

@@ -118,15 +118,21 @@ class Trainer:
         if self.deepspeed:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             mb = cfg.data.batch_size
-            if ds.get("train_micro_batch_size_per_gpu", "auto") not in ("auto", mb):
-                raise ConfigError(
-                    f"DeepSpeed config sets train_micro_batch_size_per_gpu="
-                    f"{ds['train_micro_batch_size_per_gpu']} but data.batch_size={mb}; set it "
-                    "to \"auto\" in the DeepSpeed JSON (the trainer fills it)")
-            ds["train_micro_batch_size_per_gpu"] = mb
-            ds["gradient_accumulation_steps"] = o.grad_accum
-            ds["train_batch_size"] = mb * o.grad_accum * self.world
-            ds["gradient_clipping"] = o.grad_clip
+            ours = {"train_micro_batch_size_per_gpu": (mb, "data.batch_size"),
+                    "gradient_accumulation_steps": (o.grad_accum, "optim.grad_accum"),
+                    "train_batch_size": (mb * o.grad_accum * self.world,
+                                         f"data.batch_size x optim.grad_accum x {self.world} "
+                                         "ranks"),
+                    "gradient_clipping": (o.grad_clip, "optim.grad_clip")}
+            for key, (value, source) in ours.items():
+                theirs = ds.get(key, "auto")
+                if theirs != "auto" and theirs != value:
+                    raise ConfigError(
+                        f"the DeepSpeed config sets {key}={theirs} but {source} gives {value} "
+                        "(DeepSpeed requires train_batch_size = micro batch x accumulation x "
+                        f"ranks); set {key} to \"auto\" in the DeepSpeed JSON (the trainer "
+                        f"fills it) or change {source.split(' ')[0]}")
+                ds[key] = value
         self.model, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
         self.in_dtype = torch.bfloat16 if (self.deepspeed and acc.mixed_precision == "bf16") \
             else torch.float32
