@@ -56,6 +56,10 @@ def inspect(out_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
         if not os.path.exists(path):
             problems.append(f"{rel}: listed in sizes.json but missing")
             continue
+        recorded = (manifest or {}).get("shard_bytes", {}).get(rel)
+        if recorded is not None and os.path.getsize(path) != recorded:
+            problems.append(f"{rel}: {os.path.getsize(path)} bytes, manifest.json says "
+                            f"{recorded}")
         n = 0
         try:
             for raw in iter_tar_samples(path):

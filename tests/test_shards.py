@@ -312,6 +312,7 @@ def test_inspect_catches_corruption(shard_dir, tmp_path):
         f.truncate(os.path.getsize(path) // 2)
     _, problems = inspect_shards.inspect(bad, progress=False)
     assert any(rel in p for p in problems)
+    assert any(p.startswith(f"{rel}: ") and "bytes, manifest.json says" in p for p in problems)
     assert inspect_shards.main([bad, "--quiet"]) == 1
 
 
