@@ -30,6 +30,11 @@ from train.runtime import STOP_ENV, STOP_SIGNALS
 DEFAULT_GRACE_S = 900.0
 
 
+def _say(msg: str) -> None:
+    """Unbuffered write: safe in a signal handler that interrupted another write."""
+    os.write(2, f"train.launch: {msg}\n".encode())
+
+
 class _Forwarder:
     """Passes stop signals to this process's children (the ranks on this node, started by
     torch elastic or by Accelerate's single-process launcher) and kills them after the grace
@@ -59,9 +64,8 @@ class _Forwarder:
                 c.send_signal(signum)
             except Exception:  # it exited meanwhile
                 pass
-        print(f"train.launch: {signal.Signals(signum).name}: asked {len(children)} training "
-              f"process(es) to save a checkpoint and stop (grace {self.grace_s:g} s)",
-              file=sys.stderr, flush=True)
+        _say(f"{signal.Signals(signum).name}: asked {len(children)} training process(es) to "
+             f"save a checkpoint and stop (grace {self.grace_s:g} s)")
         if first:
             t = threading.Timer(self.grace_s, self._kill)
             t.daemon = True
@@ -69,8 +73,8 @@ class _Forwarder:
 
     def _kill(self) -> None:
         self.killed = True
-        print(f"train.launch: the training processes did not stop within {self.grace_s:g} s "
-              "of the signal; killing them", file=sys.stderr, flush=True)
+        _say(f"the training processes did not stop within {self.grace_s:g} s of the signal; "
+             "killing them")
         for c in self._children():
             try:
                 c.kill()
