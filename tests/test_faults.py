@@ -301,3 +301,18 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(train_shards, tmp_path
         check(p)
         assert "at step 2" in p.stdout and "removing incomplete checkpoint" in p.stdout
         assert open(os.path.join(ck, "latest")).read().strip() == "step_00000006"
+
+
+def test_a_rank_that_hangs_fails_the_job_in_bounded_time(train_shards, tmp_path):
+    """Rank 1 never finishes micro-step 4: rank 0 gives up after train.collective_timeout_s
+    and says why, the launcher stops rank 1, and the step-2 checkpoint is there to resume."""
+    out = str(tmp_path / "run")
+    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+        "train.steps=6", "train.ckpt_every=2", "train.collective_timeout_s=10"]
+    t0 = time.time()
+    p = launch(ZERO2, FAULTY, args, launcher=LAUNCHERS["train.launch"], timeout=400,
+               TEMPO_VAE_FAULT="hang:4:1")
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "error: rank 0 waited 10 s for the other ranks after step 3" in p.stderr
+    assert time.time() - t0 < 200
+    assert _checkpoint_step(out) == 2

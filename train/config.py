@@ -115,6 +115,8 @@ class TrainConfig:
                                    "keys) or 'skip' (skip the step, counted)")
     max_skipped_in_a_row: int = F(20, "with on_nonfinite=skip: stop after this many "
                                       "consecutive skipped steps (the run has diverged)")
+    collective_timeout_s: int = F(1800, "a rank that stops answering (hung I/O, a lost node) "
+                                        "fails the job after this many seconds")
     progress: bool = F(True, "progress bar on the main process")
 
 
@@ -260,6 +262,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.steps >= 1, "train.steps", "must be >= 1")
     need(cfg.train.on_nonfinite in ("raise", "skip"), "train.on_nonfinite", "raise or skip")
     need(cfg.train.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row", "must be >= 1")
+    need(cfg.train.collective_timeout_s >= 1, "train.collective_timeout_s", "must be >= 1")
 
 
 def to_dict(cfg: Config) -> dict:

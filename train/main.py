@@ -70,6 +70,16 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        first = str(e).splitlines()[0][:300]
+        print(f"error: rank {trainer.rank} waited {cfg.train.collective_timeout_s} s for the "
+              f"other ranks after step {trainer.step} ({first}); another rank stopped "
+              "answering (hung I/O, a lost node): see its log. The last checkpoint is "
+              "intact; resume with train.resume=latest (train.collective_timeout_s sets the "
+              "wait)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@ TensorBoard, atomic rotating checkpoints, exact resume, and graceful preemption.
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import math
@@ -33,12 +34,14 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    handlers = []
+    timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # without gloo every CPU rank believes it is alone
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        handler = InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+    else:
+        handler = InitProcessGroupKwargs(timeout=timeout)
     return Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum,
-                       kwargs_handlers=handlers)
+                       kwargs_handlers=[handler])
 
 
 def lr_lambda(cfg):

@@ -6,6 +6,7 @@ TEMPO_VAE_FAULT=KIND:NUMBER[:RANK] (RANK: every rank when left out):
   inf_grad:S      the loss of micro-step S is finite but its gradients are not
   no_space:N      the N-th checkpoint's free-space check sees a full disk
   enospc_write:S  at the checkpoint of step S, writing the rank's files fails with ENOSPC
+  hang:S          micro-step S never finishes (a rank stuck in I/O)
 """
 
 import errno
@@ -91,7 +92,25 @@ def _install(kind: str, step: int, here: bool) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
             return save(obj, f, *args, **kw)
         torch.save = failing_save
-    elif kind not in ("nan_loss", "inf_grad", "no_space", "enospc_write"):
+    elif kind == "hang" and here:
+        import time
+
+        build_loss = trainer_module.build_loss
+
+        class StuckLoss:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+            def __call__(self, *args, **kw):
+                calls["n"] += 1
+                while calls["n"] == step:
+                    time.sleep(3600)
+                return self.inner(*args, **kw)
+        trainer_module.build_loss = lambda cfg: StuckLoss(build_loss(cfg))
+    elif kind not in ("nan_loss", "inf_grad", "no_space", "enospc_write", "hang"):
         raise SystemExit(f"TEMPO_VAE_FAULT: unknown kind {kind!r}")
 
 
