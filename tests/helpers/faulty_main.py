@@ -24,6 +24,24 @@ def _fault():
     return kind, int(step), (not rank or int(rank[0]) == here)
 
 
+def _wrap_loss(trainer_module, change) -> None:
+    """The trainer's loss first applies ``change(n, model_output)`` (n: 1-based call)."""
+    build_loss = trainer_module.build_loss
+    calls = {"n": 0}
+
+    class Wrapped:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, out, *args, **kw):
+            calls["n"] += 1
+            return self.inner(change(calls["n"], out), *args, **kw)
+    trainer_module.build_loss = lambda cfg: Wrapped(build_loss(cfg))
+
+
 def _install(kind: str, step: int, here: bool) -> None:
     import shutil
 
@@ -33,21 +51,8 @@ def _install(kind: str, step: int, here: bool) -> None:
 
     calls = {"n": 0}
     if kind == "nan_loss" and here:
-        build_loss = trainer_module.build_loss
-
-        class PoisonedLoss:
-            def __init__(self, inner):
-                self.inner = inner
-
-            def __getattr__(self, name):
-                return getattr(self.inner, name)
-
-            def __call__(self, out, *args, **kw):
-                calls["n"] += 1
-                if calls["n"] == step:
-                    out = dict(out, recon=out["recon"] * float("nan"))
-                return self.inner(out, *args, **kw)
-        trainer_module.build_loss = lambda cfg: PoisonedLoss(build_loss(cfg))
+        _wrap_loss(trainer_module, lambda n, out: dict(out, recon=out["recon"] * float("nan"))
+                   if n == step else out)
     elif kind == "inf_grad" and here:
         class InfGrad(torch.autograd.Function):
             @staticmethod
@@ -95,21 +100,11 @@ def _install(kind: str, step: int, here: bool) -> None:
     elif kind == "hang" and here:
         import time
 
-        build_loss = trainer_module.build_loss
-
-        class StuckLoss:
-            def __init__(self, inner):
-                self.inner = inner
-
-            def __getattr__(self, name):
-                return getattr(self.inner, name)
-
-            def __call__(self, *args, **kw):
-                calls["n"] += 1
-                while calls["n"] == step:
-                    time.sleep(3600)
-                return self.inner(*args, **kw)
-        trainer_module.build_loss = lambda cfg: StuckLoss(build_loss(cfg))
+        def stuck(n, out):
+            while n == step:
+                time.sleep(3600)
+            return out
+        _wrap_loss(trainer_module, stuck)
     elif kind not in ("nan_loss", "inf_grad", "no_space", "enospc_write", "hang"):
         raise SystemExit(f"TEMPO_VAE_FAULT: unknown kind {kind!r}")
 
