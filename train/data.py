@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_prep import samples
 from data_prep.tempo import L2_ORDER
 from data_prep.util import read_json
+from train.runtime import STOP_SIGNALS
 from train.transforms import L2Transform
 
 SPLIT_IDS = {"train": 0, "val": 1}
@@ -55,7 +56,6 @@ class ShardSet:
     split: str
     sizes: dict[str, int]  # path relative to root -> samples, this split only
     stats: dict
-    manifest: dict
 
     @classmethod
     def open(cls, root: str, split: str, strict: bool = True) -> ShardSet:
@@ -74,7 +74,13 @@ class ShardSet:
                  if k.startswith(split + "/") and int(v) > 0}
         if not sizes:
             raise DataError(f"no {split} shards listed in {sizes_path}")
-        missing = [k for k in sizes if not os.path.exists(os.path.join(root, k))]
+        on_disk = {}  # one stat per shard: existence and byte size
+        for k in sizes:
+            try:
+                on_disk[k] = os.stat(os.path.join(root, k)).st_size
+            except FileNotFoundError:
+                pass
+        missing = [k for k in sizes if k not in on_disk]
         if missing:
             raise DataError(f"{sizes_path} lists {len(missing)} {split} shards that do not "
                             f"exist, e.g. {missing[0]}; sizes.json disagrees with the shards")
@@ -84,8 +90,7 @@ class ShardSet:
         if order != L2_ORDER:
             raise DataError(f"{man_path}: l2_order {order} differs from {L2_ORDER}")
         expected = manifest.get("shard_bytes", {})
-        wrong = {k: os.path.getsize(os.path.join(root, k)) for k in sizes if k in expected}
-        wrong = {k: n for k, n in wrong.items() if n != expected[k]}
+        wrong = {k: n for k, n in on_disk.items() if k in expected and n != expected[k]}
         if strict and wrong:
             k = sorted(wrong)[0]
             raise DataError(
@@ -93,8 +98,8 @@ class ShardSet:
                 f"(truncated or rewritten), e.g. {k}: {wrong[k]} bytes, the manifest says "
                 f"{expected[k]}; re-create them (data_prep.make_shards ... --overwrite) or set "
                 "data.on_error=skip to train without the samples they lose (counted)")
-        return cls(root, split, dict(sorted(sizes.items())), read_json(
-            os.path.join(root, "stats.json")), manifest)
+        return cls(root, split, dict(sorted(sizes.items())),
+                   read_json(os.path.join(root, "stats.json")))
 
     @property
     def total(self) -> int:
@@ -424,8 +429,6 @@ class ShardLoader:
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave stop signals to their rank: SLURM and `kill -- -PGID` signal every
     process, and a worker that died of SIGTERM would fail the rank before it can save."""
-    from train.runtime import STOP_SIGNALS
-
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
