@@ -147,6 +147,7 @@ class Trainer:
         self.samples_seen = 0
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
+        self._ckpt_bytes: int | None = None  # see _checkpoint_bytes
         self.last_val: dict = {}
         self.writer = None
         self.flops_per_sample = train_flops_per_sample(cfg.model)
@@ -224,13 +225,16 @@ class Trainer:
                 if last else "there is no earlier checkpoint")
 
     def _checkpoint_bytes(self) -> int:
-        """Room one more checkpoint needs: the size of the last one, or, before the first,
-        16 bytes per parameter (weights, fp32 master copy and two Adam moments)."""
-        last = self._last_checkpoint()
-        if last and os.path.isdir(last):
-            return sum(os.path.getsize(os.path.join(d, f))
-                       for d, _, files in os.walk(last) for f in files)
-        return 16 * self.n_params
+        """Room one more checkpoint needs: the size of the last one (measured once per
+        process: every checkpoint of a run has the same tensors), or, before the first, 16
+        bytes per parameter (weights, fp32 master copy and two Adam moments)."""
+        if self._ckpt_bytes is None:
+            last = self._last_checkpoint()
+            if not (last and os.path.isdir(last)):
+                return 16 * self.n_params
+            self._ckpt_bytes = sum(os.path.getsize(os.path.join(d, f))
+                                   for d, _, files in os.walk(last) for f in files)
+        return self._ckpt_bytes
 
     def _preflight(self, name: str) -> None:
         """Every rank checks that it can write the checkpoint folder and that it has room
