@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -193,14 +192,12 @@ def test_sigkill_during_checkpoint_keeps_the_previous_one(train_shards, tmp_path
 
 
 def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
-    from test_loader import _corrupt_member
+    from test_loader import _corrupt_member, _private_copy, _truncate_half
 
     from data_prep import samples
 
-    root = str(tmp_path / "shards")
-    shutil.copytree(train_shards, root)
-    sizes = json.load(open(os.path.join(root, "sizes.json")))
-    rel = sorted(k for k in sizes if k.startswith("train"))[0]
+    root, sizes, train = _private_copy(train_shards, str(tmp_path / "shards"))
+    rel = train[0]
     key = next(samples.iter_tar(os.path.join(root, rel)))["__key__"]
     _corrupt_member(root, rel, key, "json", None)  # a sample with a missing member
     out = str(tmp_path / "run")
@@ -209,9 +206,8 @@ def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
     assert p.returncode != 0
     assert f"sample '{key}': missing members ['json']" in p.stderr
     # and a truncated shard: with skip, both are counted, per reason
-    cut = sorted(k for k in sizes if k.startswith("train"))[-1]
-    with open(os.path.join(root, cut), "r+b") as f:
-        f.truncate(os.path.getsize(os.path.join(root, cut)) // 2)
+    cut = train[-1]
+    _truncate_half(os.path.join(root, cut))
     p = launch(ZERO2, "train/main.py", args + ["data.on_error=skip"])
     check(p)
     summary = json.load(open(os.path.join(out, "summary.json")))

@@ -202,6 +202,21 @@ def test_l2_transform_roundtrip():
 # ----------------------------------------------------------------------------- bad data
 
 
+def _private_copy(src, dst):
+    """A copy of shard folder ``src`` that a test may damage: (its path, its sizes.json, its
+    train shards in order)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    sizes = json.load(open(os.path.join(dst, "sizes.json")))
+    return dst, sizes, sorted(k for k in sizes if k.startswith("train"))
+
+
+def _truncate_half(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
 def _corrupt_member(root, rel, key, ext, data):
     """Rewrite shard ``rel`` with member ``key.ext`` replaced by ``data`` (or removed), and
     record its new size in the manifest, as if make_shards had written it so: the damage
@@ -228,12 +243,8 @@ def _corrupt_member(root, rel, key, ext, data):
 
 
 def test_bad_sample_stops_with_key_or_is_skipped_and_counted(many_shards, tmp_path):
-    import shutil
-
-    root = str(tmp_path / "s")
-    shutil.copytree(many_shards, root)
-    sizes = json.load(open(os.path.join(root, "sizes.json")))
-    rel = sorted(k for k in sizes if k.startswith("train"))[0]
+    root, sizes, train = _private_copy(many_shards, str(tmp_path / "s"))
+    rel = train[0]
     key = next(samples.iter_tar(os.path.join(root, rel)))["__key__"]
     _corrupt_member(root, rel, key, "l1.npy", b"not an array")
     c = cfg(root, num_workers=0)
@@ -248,12 +259,8 @@ def test_bad_sample_stops_with_key_or_is_skipped_and_counted(many_shards, tmp_pa
 
 
 def test_nonfinite_l1_and_size_mismatch_are_named(many_shards, tmp_path):
-    import shutil
-
-    root = str(tmp_path / "s")
-    shutil.copytree(many_shards, root)
-    sizes = json.load(open(os.path.join(root, "sizes.json")))
-    rel = sorted(k for k in sizes if k.startswith("train"))[1]
+    root, sizes, train = _private_copy(many_shards, str(tmp_path / "s"))
+    rel = train[1]
     raw = next(samples.iter_tar(os.path.join(root, rel)))
     l1 = samples.npy_array(raw["l1.npy"]).copy()
     l1[0, 0, 0] = np.inf
@@ -267,23 +274,16 @@ def test_nonfinite_l1_and_size_mismatch_are_named(many_shards, tmp_path):
     loader = build_loader(dataclasses.replace(c, on_error="skip"), "train")
     list(loader)
     assert loader.errors == {"nonfinite_l1": 1, "size_mismatch": 2}
-    clean = str(tmp_path / "clean")
-    shutil.copytree(many_shards, clean)
+    clean, _, _ = _private_copy(many_shards, str(tmp_path / "clean"))
     json.dump(sizes, open(os.path.join(clean, "sizes.json"), "w"))
     with pytest.raises(samples.SampleError, match=f"{rel}: .* samples, sizes.json says"):
         list(build_loader(cfg(clean, num_workers=0), "train"))
 
 
 def test_truncated_shard_stops_naming_it_or_is_skipped_and_counted(many_shards, tmp_path):
-    import shutil
-
-    root = str(tmp_path / "s")
-    shutil.copytree(many_shards, root)
-    sizes = json.load(open(os.path.join(root, "sizes.json")))
-    rel = sorted(k for k in sizes if k.startswith("train"))[0]
-    path = os.path.join(root, rel)
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+    root, sizes, train = _private_copy(many_shards, str(tmp_path / "s"))
+    rel = train[0]
+    _truncate_half(os.path.join(root, rel))
     # found before reading: its size differs from the one make_shards recorded
     with pytest.raises(DataError, match=f"1 train shard.*{rel}: .* bytes, the manifest says"):
         build_loader(cfg(root, num_workers=0), "train")
