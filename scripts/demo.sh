@@ -4,6 +4,11 @@
 # (fp32 on CPU; GPU configs use bf16) -> TensorBoard logs in runs/demo/tb and a validation summary in physical units.
 #
 #   bash scripts/demo.sh            # then: tensorboard --logdir runs/demo/tb
+#
+# Re-running it continues the run in runs/demo (train.resume=latest): after an interrupted
+# run it trains on from the last checkpoint; after a finished one it only validates and
+# prints the summary again. For a new run: rm -rf runs/demo, or pass
+# train.output_dir=runs/another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DEMO_DATA:-data/demo}"
@@ -15,5 +20,9 @@ if [ ! -f "$DATA/shards/sizes.json" ]; then
     python -m data_prep.inspect_shards "$DATA/shards" --quiet
 fi
 export DS_ACCELERATOR=cpu
+if [ -f runs/demo/checkpoints/latest ]; then
+    echo "runs/demo has a checkpoint ($(cat runs/demo/checkpoints/latest)): continuing that run" \
+        "(rm -rf runs/demo for a new one)"
+fi
 exec python -m train.launch --config_file accelerate_configs/cpu_deepspeed_zero2_fp32.yaml \
-    train/main.py --config configs/training/demo.yaml data.shards="$DATA/shards" "$@"
+    train/main.py --config configs/training/demo.yaml data.shards="$DATA/shards" train.resume=latest "$@"

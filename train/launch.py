@@ -4,7 +4,10 @@
         train/main.py --config configs/training/train_vae_l2_supervised.yaml
 
 Takes exactly the arguments of `accelerate launch` (one launcher per node, as usual) and
-differs from it in three ways:
+differs from it in four ways:
+
+- when the training script is `train/main.py`, its run config is loaded here first: a bad
+  key, type or value exits 2 at once, naming the key, before any rank starts.
 
 - SIGTERM or SIGUSR1 sent to this process is passed on to the training processes it
   started. They finish the current step on every rank, save a complete checkpoint and exit
@@ -94,6 +97,34 @@ def _grace_from_env() -> float:
     return value
 
 
+def check_run_config(argv: list[str]) -> str | None:
+    """When the training script is this project's ``train/main.py``, load its run config
+    (``--config`` file and ``section.key=value`` overrides) here, in one process and before
+    any rank starts, and return the error message of a bad one (None when it loads, or when
+    the script is another one). Saves the 10-20 s a rank needs to import torch, DeepSpeed
+    and Accelerate before it could report the same error."""
+    script_at = next((i for i, a in enumerate(argv)
+                      if os.path.basename(a) == "main.py"
+                      and os.path.basename(os.path.dirname(os.path.abspath(a))) == "train"),
+                     None)
+    if script_at is None:
+        return None
+    from train.config import ConfigError, load_config
+    from train.main import parse_args
+
+    try:
+        args = parse_args(argv[script_at + 1:])
+    except SystemExit:  # argparse has printed the problem; the rank would do the same
+        return "bad arguments to train/main.py (see above)"
+    if args.help_config:
+        return None
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fwd = _Forwarder(_grace_from_env())
@@ -101,6 +132,11 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("Options of `accelerate launch` follow.\n", flush=True)
+    else:
+        problem = check_run_config(argv)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
