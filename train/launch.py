@@ -97,16 +97,21 @@ def _grace_from_env() -> float:
     return value
 
 
+def _is_train_main(path: str) -> bool:
+    """``train/main.py`` or the ``tempo-vae-train`` console script."""
+    name = os.path.basename(path)
+    return name == "tempo-vae-train" or (
+        name == "main.py" and os.path.basename(os.path.dirname(os.path.abspath(path))) == "train")
+
+
 def check_run_config(argv: list[str]) -> str | None:
-    """When the training script is this project's ``train/main.py``, load its run config
+    """When the training script is this project's ``train/main.py`` (or the
+    ``tempo-vae-train`` console script), load its run config
     (``--config`` file and ``section.key=value`` overrides) here, in one process and before
     any rank starts, and return the error message of a bad one (None when it loads, or when
     the script is another one). Saves the 10-20 s a rank needs to import torch, DeepSpeed
     and Accelerate before it could report the same error."""
-    script_at = next((i for i, a in enumerate(argv)
-                      if os.path.basename(a) == "main.py"
-                      and os.path.basename(os.path.dirname(os.path.abspath(a))) == "train"),
-                     None)
+    script_at = next((i for i, a in enumerate(argv) if _is_train_main(a)), None)
     if script_at is None:
         return None
     from train.config import ConfigError, load_config
