@@ -93,18 +93,20 @@ def test_synthetic_is_deterministic_and_truth_is_separate(tmp_path):
 
 
 def test_retrievals_are_truth_plus_noise(synth_dir):
-    """Valid L2 pixels scatter around the truth with the documented noise level."""
+    """Valid L2 pixels scatter around the truth with the precision the truth file states
+    (the photon-noise bound of the spectra, physics.retrieval_precision)."""
     truth_file = sorted(glob.glob(os.path.join(synth_dir, "truth", "*.nc")))[0]
     key = os.path.basename(truth_file)[len("TEMPO_TRUTH_"):-3]
     with netCDF4.Dataset(truth_file) as t:
-        o3 = t["o3"][:]
-        cf = t["cloud_fraction"][:]
+        o3 = t["o3"][:].filled(np.nan)
+        prec = t["precision_O3TOT"][:].filled(np.nan)
+        cf = t["cloud_fraction"][:].filled(np.nan)
     f = tempo.read_l2(os.path.join(synth_dir, f"TEMPO_O3TOT_L2_V03_{key}.nc"), "O3TOT")
     vals = f.values[: o3.shape[0]]
     ok = np.isfinite(vals)
     assert ok.mean() > 0.5
-    err = vals[ok] - o3[ok]
-    assert abs(err.mean()) < 1.0 and 2.0 < err.std() < 4.0  # noise 3 DU
+    z = (vals[ok] - o3[ok]) / prec[ok]
+    assert abs(z.mean()) < 0.1 and 0.9 < z.std() < 1.1
     no2 = tempo.read_l2(os.path.join(synth_dir, f"TEMPO_NO2_L2_V03_{key}.nc"), "NO2").values
     # QA removes cloudy pixels: no valid NO2 where the cloud fraction is above 0.5
     assert not np.isfinite(no2[: cf.shape[0]][cf > 0.5]).any()
