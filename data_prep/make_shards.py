@@ -80,7 +80,8 @@ def load_qa_rules(path: str | None, specs: list[str]) -> dict:
         prod, sep, rule = spec.partition("=")
         if not sep:
             raise ValueError(f"--qa {spec!r}: want PRODUCT=RULE")
-        rules |= qa_rules({prod.strip(): rule}, f"--qa {spec!r}")
+        prod = prod.strip()
+        rules[prod] = qa_rules({prod: rule}, f"--qa {spec!r}")[prod]
     return rules
 
 

@@ -184,7 +184,8 @@ def ozone_fraction_above(p_hpa: np.ndarray) -> np.ndarray:
     return r / (1.0 + r)
 
 
-RAYLEIGH_LAYERS = 6  # pressure layers of the single-scattering Rayleigh sum
+# bottom edges of the single-scattering Rayleigh layers, as fractions of the bottom pressure
+RAYLEIGH_EDGES = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.35, 0.65, 1.0)
 
 
 def radiance(sampled: dict[str, np.ndarray], wl: np.ndarray, f: dict[str, np.ndarray]) -> np.ndarray:
@@ -194,7 +195,7 @@ def radiance(sampled: dict[str, np.ndarray], wl: np.ndarray, f: dict[str, np.nda
     sza, vza, raa (deg), albedo, cloud_fraction, cloud_pressure, surface_pressure (hPa),
     no2_trop, no2_strat, hcho (molecules/cm^2), o3 (DU).
 
-    Rayleigh single scattering is summed over ``RAYLEIGH_LAYERS`` pressure layers, each
+    Rayleigh single scattering is summed over the pressure layers ``RAYLEIGH_EDGES``, each
     attenuated by the ozone above it only (``ozone_fraction_above``): below ~314 nm, where
     the full ozone column absorbs almost everything, the light that reaches the sensor is
     scattered above or inside the ozone layer. Surface and cloud reflection see the whole
@@ -210,8 +211,10 @@ def radiance(sampled: dict[str, np.ndarray], wl: np.ndarray, f: dict[str, np.nda
     ps = f["surface_pressure"][..., None] / 1013.25
     pc = f["cloud_pressure"][..., None] / 1013.25
     tau_r = rayleigh_tau(wl)[None].astype(np.float32)  # (1, X, C)
-    ext_s = np.exp(-tau_r * (amf * ps))
-    ext_c = np.exp(-tau_r * (amf * pc))
+    # diffuse transmittance (half the Rayleigh-scattered light goes on forward):
+    # exp(-tau_R * p / 2 * AMF) instead of the direct beam's exp(-tau_R * p * AMF)
+    ext_s = np.exp(-0.5 * tau_r * (amf * ps))
+    ext_c = np.exp(-0.5 * tau_r * (amf * pc))
     # tropospheric absorbers are partly shielded by clouds and seen with a smaller AMF
     amf_trop = amf * (0.6 * (1 - cf) + 0.15 * cf)
     o4_col = O4_COLUMN_SURFACE * ((1 - cf) * ps**2 + cf * pc**2)
@@ -220,15 +223,17 @@ def radiance(sampled: dict[str, np.ndarray], wl: np.ndarray, f: dict[str, np.nda
                  + sampled["hcho"][None] * (f["hcho"][..., None] * amf_trop)
                  + sampled["o4"][None] * (o4_col * amf))
     tau_o3 = sampled["o3"][None] * (f["o3"][..., None] * DU * amf)  # full slant optical depth
-    # Rayleigh: layers of equal pressure thickness down to the cloud-weighted bottom
+    # Rayleigh: layers down to the cloud-weighted bottom, geometrically spaced in pressure
+    # so that the few hPa above the ozone peak (all that is seen below ~310 nm) are resolved
     p_bot = (1 - cf) * ps + cf * pc  # (M, X, 1) in units of 1013.25 hPa
-    dp = p_bot / RAYLEIGH_LAYERS
+    edges = [np.zeros_like(p_bot)] + [p_bot * q for q in RAYLEIGH_EDGES]
     rho_ray = np.zeros(np.broadcast_shapes(tau_o3.shape, tau_r.shape), np.float32)
-    for j in range(RAYLEIGH_LAYERS):
-        p_mid = (j + 0.5) * dp
+    for top, bot in zip(edges[:-1], edges[1:], strict=True):
+        p_mid = 0.5 * (top + bot)
         g = ozone_fraction_above(p_mid * 1013.25).astype(np.float32)
-        rho_ray += (dp * np.exp(-tau_r * amf * p_mid - tau_o3 * g)).astype(np.float32)
-    rho_ray *= (phase / (4.0 * mu * mu0) * tau_r).astype(np.float32)
+        rho_ray += ((bot - top) * np.exp(-tau_r * amf * p_mid - tau_o3 * g)).astype(np.float32)
+    # multiple scattering: about (1 + tau_R) times the single-scattered light
+    rho_ray *= (phase / (4.0 * mu * mu0) * tau_r * (1.0 + tau_r * p_bot)).astype(np.float32)
     refl_surf = ((1 - cf) * f["albedo"][..., None] * ext_s + cf * 0.8 * ext_c) * np.exp(-tau_o3)
     rad = sampled["solar"][None] * mu0 / np.pi * (rho_ray + refl_surf) * np.exp(-tau_other)
     return rad.astype(np.float32)

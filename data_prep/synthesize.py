@@ -85,7 +85,7 @@ def truth_fields(rng: np.random.Generator, m: int, x: int, index: int) -> dict[s
     vaa = 150.0 - 40.0 * cols + 0 * rows
     raa = (saa - vaa + 180.0) % 360.0 - 180.0
     f = {
-        "sza": np.clip(sza0 + 22.0 * rows + 30.0 * cols + 2 * smooth_field(rng, shape, 4 * lm),
+        "sza": np.clip(sza0 + 20.0 * rows + 28.0 * cols + 2 * smooth_field(rng, shape, 4 * lm),
                        5.0, 88.0),
         "vza": np.clip(15.0 + 50.0 * cols + 0 * rows, 0.0, 80.0),
         "saa": saa,
@@ -278,6 +278,7 @@ def write_granule(out_dir: str, gid: GranuleId, index: int, args, sampled, wl, r
 
     o3 = noisy(f["o3"], prec["O3TOT"])
     o3f = np.zeros((m, x), np.uint16)  # bits 0-2 error code, higher bits warnings
+    o3f[rng.random((m, x)) < 0.01] = 1  # sun glint: a value is written, flagged an error
     o3f[sza > 84] = 2
     failed = rng.random((m, x)) < 0.002
     o3f[failed] = rng.integers(3, 8, int(failed.sum())).astype(np.uint16)
