@@ -291,10 +291,11 @@ def write_granule(out_dir: str, gid: GranuleId, index: int, args, sampled, wl, r
 
     raw = noisy(cf, prec["CLDO4"])
     cld = np.clip(raw, 0.0, 1.0)
-    cld[raw > 1.05] = raw[raw > 1.05]
+    over = raw > 1.02
+    cld[over] = raw[over]
     cpf = np.zeros((m, x), np.int16)
     cpf[cld == 0.0] |= 1 << 13  # clear sky: cloud pressure not computed, fraction valid (0)
-    cpf[raw > 1.05] |= 1 << 9  # fraction out of range (written, invalid)
+    cpf[over] |= 1 << 9  # fraction out of range (written, invalid)
     cpf[sza > 82] |= 1  # geometry error
     not_computed = rng.random((m, x)) < 0.002
     cpf[not_computed] |= 1 << 12

@@ -199,14 +199,20 @@ class L2Product:
     variable: str  # path inside the file, "group/var"
     units: str
     qa: QARule | None  # None: no quality flag (e.g. subsetted files)
+    # values that pass QA must lie in this range, else the file is misread (e.g. packed
+    # counts without their scale_factor): a generous physical range, not a QA rule
+    plausible: tuple[float, float] = (-np.inf, np.inf)
 
 
 L2_PRODUCTS: dict[str, L2Product] = {
     "NO2": L2Product("NO2", "product/vertical_column_troposphere", "molecules/cm^2",
-                     DEFAULT_QA["NO2"]),
-    "O3TOT": L2Product("O3TOT", "product/column_amount_o3", "DU", DEFAULT_QA["O3TOT"]),
-    "HCHO": L2Product("HCHO", "product/vertical_column", "molecules/cm^2", DEFAULT_QA["HCHO"]),
-    "CLDO4": L2Product("CLDO4", "product/cloud_fraction", "1", DEFAULT_QA["CLDO4"]),
+                     DEFAULT_QA["NO2"], (-1e18, 1e19)),
+    "O3TOT": L2Product("O3TOT", "product/column_amount_o3", "DU", DEFAULT_QA["O3TOT"],
+                       (50.0, 1000.0)),
+    "HCHO": L2Product("HCHO", "product/vertical_column", "molecules/cm^2", DEFAULT_QA["HCHO"],
+                      (-1e19, 1e19)),
+    "CLDO4": L2Product("CLDO4", "product/cloud_fraction", "1", DEFAULT_QA["CLDO4"],
+                       (-0.5, 1.5)),
 }
 
 
@@ -587,6 +593,14 @@ def read_l2(path: str, product: str, qa=_SPEC_RULE, spec: L2Product | None = Non
                 removed["flag_missing"] = int((flag_missing & ~fill_mask).sum())
             removed.update(rule.removed_by(flag[fails & ~fill_mask]))
         vals[qa_bad] = np.nan
+        lo, hi = spec.plausible
+        with np.errstate(invalid="ignore"):
+            out = (vals < lo) | (vals > hi)
+        if out.any():
+            raise TempoFileError(path, f"'{spec.variable}': {int(out.sum())} values that pass "
+                                       f"QA lie outside [{lo:g}, {hi:g}] {spec.units} (e.g. "
+                                       f"{vals[out][0]:g}); its encoding (scale_factor, "
+                                       "fill) is not what the file says")
         return L2Field(path, product, vals, int(fill_mask.sum()), int(qa_bad.sum()), attrs,
                        _mirror_steps(ds, vals.shape[0], path), removed,
                        rule.describe() if rule else None)

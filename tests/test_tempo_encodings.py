@@ -85,28 +85,36 @@ def test_qa_rule_forms():
 
 
 def test_clear_sky_cloud_fraction_is_kept_and_error_bits_removed(scan_dir):
-    path = _file(scan_dir, "CLDO4")
-    raw_val = _raw(path, "product/cloud_fraction")
-    flag = _raw(path, "product/processing_quality_flag")
-    assert "_FillValue" not in netCDF4.Dataset(path)["product/processing_quality_flag"].ncattrs()
-    f = tempo.read_l2(path, "CLDO4")
-    clear = (flag >> 13) & 1 == 1
-    assert clear.sum() > 20 and (raw_val[clear] == 0).all()
-    errors = (flag & 0b1001100001001) != 0  # bits 0, 3, 8, 9, 12
-    keep = ~errors & (raw_val != tempo.CLDO4_FILL)
-    # clear sky with only bit 13 (and warnings) set: kept as 0
-    assert (f.values[clear & keep] == 0).all() and (clear & keep).sum() > 20
-    # every pixel with a fraction error bit is NaN, written value or not
-    assert np.isnan(f.values[errors]).all() and (errors & (raw_val != tempo.CLDO4_FILL)).any()
-    assert np.isfinite(f.values[keep]).all()
-    # warnings (2, 4) and the cloud-pressure bit 14 do not remove the fraction
-    warn = ((flag >> 2) & 1 == 1) | ((flag >> 14) & 1 == 1)
-    assert np.isfinite(f.values[warn & keep]).all() and (warn & keep).any()
-    assert f.n_bad_qa == int((errors & (raw_val != tempo.CLDO4_FILL)).sum())
-    assert sum(v for k, v in f.qa_removed.items() if k == "bit 9") >= 1
-    # the old "flag <= 0" test would have removed every clear-sky pixel
-    old = tempo.QARule("product/processing_quality_flag", None, (0,))
-    assert not np.isfinite(tempo.read_l2(path, "CLDO4", old).values[clear]).any()
+    n = dict(clear_kept=0, error_written=0, warn_kept=0)
+    for i in range(3):
+        path = _file(scan_dir, "CLDO4", i)
+        raw_val = _raw(path, "product/cloud_fraction")
+        flag = _raw(path, "product/processing_quality_flag")
+        with netCDF4.Dataset(path) as ds:
+            assert "_FillValue" not in ds["product/processing_quality_flag"].ncattrs()
+            assert "bit 13" in ds["product/processing_quality_flag"].comment
+        f = tempo.read_l2(path, "CLDO4")
+        written = raw_val != tempo.CLDO4_FILL
+        clear = (flag >> 13) & 1 == 1
+        assert (raw_val[clear & written] == 0).all()
+        errors = (flag & 0b1001100001001) != 0  # bits 0, 3, 8, 9, 12
+        keep = ~errors & written
+        # clear sky with only bit 13 (and warnings) set: kept as 0
+        assert (f.values[clear & keep] == 0).all()
+        n["clear_kept"] += int((clear & keep).sum())
+        # every pixel with a fraction error bit is NaN, written value or not
+        assert np.isnan(f.values[errors]).all() and np.isfinite(f.values[keep]).all()
+        n["error_written"] += int((errors & written).sum())
+        # warnings (2, 4) and the cloud-pressure bit 14 do not remove the fraction
+        warn = ((flag >> 2) & 1 == 1) | ((flag >> 14) & 1 == 1)
+        assert np.isfinite(f.values[warn & keep]).all()
+        n["warn_kept"] += int((warn & keep).sum())
+        assert f.n_bad_qa == int((errors & written).sum())
+        assert f.qa_removed.get("bit 9", 0) == int((errors & written & (flag >> 9 & 1 == 1)).sum())
+        # the old "flag <= 0" test would have removed every clear-sky pixel
+        old = tempo.QARule("product/processing_quality_flag", None, (0,))
+        assert not np.isfinite(tempo.read_l2(path, "CLDO4", old).values[clear]).any()
+    assert n["clear_kept"] > 50 and n["error_written"] >= 2 and n["warn_kept"] > 20, n
 
 
 def test_o3tot_error_code_and_warnings(scan_dir):
@@ -179,6 +187,21 @@ def test_packed_and_missing_value_encodings_read_like_nasa_ones(scan_dir, packed
         assert "missing_value" in ds["product/column_amount_o3"].ncattrs()
     with netCDF4.Dataset(_file(packed_dir, "HCHO")) as ds:
         assert "_FillValue" not in ds["product/vertical_column"].ncattrs()
+
+
+def test_packed_counts_without_scale_are_refused(packed_dir, tmp_path):
+    """A packed fraction whose scale_factor is lost reads as counts up to 10000: the
+    reader refuses it, naming the file and variable, instead of writing counts."""
+    import shutil
+
+    path = str(tmp_path / os.path.basename(_file(packed_dir, "CLDO4")))
+    shutil.copy(_file(packed_dir, "CLDO4"), path)
+    with netCDF4.Dataset(path, "a") as ds:
+        v = ds["product/cloud_fraction"]
+        v.delncattr("scale_factor")
+        v.delncattr("add_offset")
+    with pytest.raises(tempo.TempoFileError, match=r"cloud_fraction.*outside \[-0.5, 1.5\]"):
+        tempo.read_l2(path, "CLDO4")
 
 
 def test_packed_cloud_fraction_stats_are_physical(packed_dir, tmp_path):
