@@ -201,15 +201,17 @@ def radiance(sampled: dict[str, np.ndarray], wl: np.ndarray, f: dict[str, np.nda
     scattered above or inside the ozone layer. Surface and cloud reflection see the whole
     column.
     """
-    mu0 = np.cos(np.radians(f["sza"]))[..., None]  # (M, X, 1)
-    mu = np.cos(np.radians(f["vza"]))[..., None]
+    f32 = {k: np.asarray(v, np.float32)[..., None] for k, v in f.items()}  # (M, X, 1)
+    sp = {k: np.asarray(v, np.float32)[None] for k, v in sampled.items()}  # (1, X, C)
+    mu0 = np.cos(np.radians(f32["sza"]))
+    mu = np.cos(np.radians(f32["vza"]))
     s0, s = np.sqrt(1 - mu0**2), np.sqrt(1 - mu**2)
-    cos_scat = -mu0 * mu + s0 * s * np.cos(np.radians(f["raa"]))[..., None]
+    cos_scat = -mu0 * mu + s0 * s * np.cos(np.radians(f32["raa"]))
     phase = 0.75 * (1.0 + cos_scat**2)
     amf = 1.0 / mu0 + 1.0 / mu
-    cf = f["cloud_fraction"][..., None]
-    ps = f["surface_pressure"][..., None] / 1013.25
-    pc = f["cloud_pressure"][..., None] / 1013.25
+    cf = f32["cloud_fraction"]
+    ps = f32["surface_pressure"] / np.float32(1013.25)
+    pc = f32["cloud_pressure"] / np.float32(1013.25)
     tau_r = rayleigh_tau(wl)[None].astype(np.float32)  # (1, X, C)
     # diffuse transmittance (half the Rayleigh-scattered light goes on forward):
     # exp(-tau_R * p / 2 * AMF) instead of the direct beam's exp(-tau_R * p * AMF)
@@ -217,26 +219,32 @@ def radiance(sampled: dict[str, np.ndarray], wl: np.ndarray, f: dict[str, np.nda
     ext_c = np.exp(-0.5 * tau_r * (amf * pc))
     # tropospheric absorbers are partly shielded by clouds and seen with a smaller AMF
     amf_trop = amf * (0.6 * (1 - cf) + 0.15 * cf)
-    o4_col = O4_COLUMN_SURFACE * ((1 - cf) * ps**2 + cf * pc**2)
-    tau_other = (sampled["no2"][None] * (f["no2_trop"][..., None] * amf_trop
-                                         + f["no2_strat"][..., None] * amf)
-                 + sampled["hcho"][None] * (f["hcho"][..., None] * amf_trop)
-                 + sampled["o4"][None] * (o4_col * amf))
-    tau_o3 = sampled["o3"][None] * (f["o3"][..., None] * DU * amf)  # full slant optical depth
+    # O2-O2 column in units of O4_COLUMN_SURFACE (1.35e43 does not fit float32)
+    o4_col = (1 - cf) * ps**2 + cf * pc**2
+    o4_xsec = (sampled["o4"] * O4_COLUMN_SURFACE).astype(np.float32)[None]
+    tau_other = (sp["no2"] * (f32["no2_trop"] * amf_trop + f32["no2_strat"] * amf)
+                 + sp["hcho"] * (f32["hcho"] * amf_trop) + o4_xsec * (o4_col * amf))
+    tau_o3 = sp["o3"] * (f32["o3"] * np.float32(DU) * amf)  # full slant optical depth
     # Rayleigh: layers down to the cloud-weighted bottom, geometrically spaced in pressure
-    # so that the few hPa above the ozone peak (all that is seen below ~310 nm) are resolved
+    # so that the few hPa above the ozone peak (all that is seen below ~310 nm) are resolved.
+    # Channels where even 600 DU at the largest AMF absorb < 1% use the closed form.
     p_bot = (1 - cf) * ps + cf * pc  # (M, X, 1) in units of 1013.25 hPa
-    edges = [np.zeros_like(p_bot)] + [p_bot * q for q in RAYLEIGH_EDGES]
-    rho_ray = np.zeros(np.broadcast_shapes(tau_o3.shape, tau_r.shape), np.float32)
-    for top, bot in zip(edges[:-1], edges[1:], strict=True):
-        p_mid = 0.5 * (top + bot)
-        g = ozone_fraction_above(p_mid * 1013.25).astype(np.float32)
-        rho_ray += ((bot - top) * np.exp(-tau_r * amf * p_mid - tau_o3 * g)).astype(np.float32)
+    uv = (sampled["o3"].max(axis=0) * 600 * DU * float(amf.max())) > 0.01  # (C,)
+    rho_ray = ((1.0 - np.exp(-tau_r * amf * p_bot)) / amf * np.exp(-tau_o3)).astype(np.float32)
+    if uv.any():
+        tr, to3 = tau_r[..., uv], tau_o3[..., uv]
+        edges = [np.zeros_like(p_bot)] + [p_bot * np.float32(q) for q in RAYLEIGH_EDGES]
+        acc = np.zeros(np.broadcast_shapes(to3.shape, tr.shape), np.float32)
+        for top, bot in zip(edges[:-1], edges[1:], strict=True):
+            p_mid = 0.5 * (top + bot)
+            g = ozone_fraction_above(p_mid * 1013.25).astype(np.float32)
+            acc += (bot - top) * np.exp(-(tr * (amf * p_mid) + to3 * g))
+        rho_ray[..., uv] = acc * tr
     # multiple scattering: about (1 + tau_R) times the single-scattered light
-    rho_ray *= (phase / (4.0 * mu * mu0) * tau_r * (1.0 + tau_r * p_bot)).astype(np.float32)
-    refl_surf = ((1 - cf) * f["albedo"][..., None] * ext_s + cf * 0.8 * ext_c) * np.exp(-tau_o3)
-    rad = sampled["solar"][None] * mu0 / np.pi * (rho_ray + refl_surf) * np.exp(-tau_other)
-    return rad.astype(np.float32)
+    rho_ray *= phase / (4.0 * mu * mu0) * (1.0 + tau_r * p_bot)
+    refl_surf = ((1 - cf) * f32["albedo"] * ext_s + cf * 0.8 * ext_c) * np.exp(-tau_o3)
+    rad = sp["solar"] * mu0 / np.float32(np.pi) * (rho_ray + refl_surf) * np.exp(-tau_other)
+    return rad.astype(np.float32, copy=False)
 
 
 def shot_noise(rad: np.ndarray, snr_at_1e13: float) -> np.ndarray:
