@@ -105,9 +105,11 @@ def read_granule(g: GranuleFiles, opts: ReadOptions) -> AlignedGranule:
             report.setdefault("all_invalid_products", []).append(p)
         fields[p] = f
         common = np.intersect1d(common, f.mirror_step)
+    for path, ms in [(g.rad, l1.mirror_step)] + [(f.path, f.mirror_step)
+                                                 for f in fields.values()]:
+        if not np.all(np.diff(ms) > 0):
+            raise TempoFileError(path, "'mirror_step' is not increasing")
     rows = np.searchsorted(l1.mirror_step, common) if common.size else np.zeros(0, int)
-    if not np.all(np.diff(l1.mirror_step) > 0):
-        raise TempoFileError(g.rad, "'mirror_step' is not increasing")
     report["mirror_steps_used"] = int(rows.size)
     report["mirror_steps_trimmed"] = {"RAD": m - rows.size} | {
         p: f.values.shape[0] - rows.size for p, f in fields.items()}
