@@ -118,6 +118,7 @@ def test_clear_sky_cloud_fraction_is_kept_and_error_bits_removed(scan_dir):
 
 
 def test_o3tot_error_code_and_warnings(scan_dir):
+    n_err_written = 0
     for i in range(3):
         path = _file(scan_dir, "O3TOT", i)
         with netCDF4.Dataset(path) as ds:
@@ -129,10 +130,11 @@ def test_o3tot_error_code_and_warnings(scan_dir):
         f = tempo.read_l2(path, "O3TOT")
         code = flag & 7
         written = _raw(path, "product/column_amount_o3") != np.float32(tempo.O3TOT_FILL)
-        assert ((code != 0) & written).sum() >= 2  # error codes on written values
+        n_err_written += int(((code != 0) & written).sum())  # error codes on written values
         assert np.isnan(f.values[code != 0]).all()
         warn_only = (code == 0) & (flag != 0)
         assert warn_only.sum() > 10 and np.isfinite(f.values[warn_only]).all()
+    assert n_err_written >= 5
 
 
 def test_invalid_geolocation_is_nan(scan_dir):
