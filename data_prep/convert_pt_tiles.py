@@ -7,7 +7,10 @@ code's scaling (NO2 / 1e15, HCHO / 1e16 by default; change with ``--l2-scale``).
 
 Outputs: the same layout as ``make_shards`` (train/, val/, sizes.json, stats.json,
 manifest.json); files are split 70/30 with seed 42 by file, as the research code did.
-Geolocation is not in the research format, so ``geo.npy`` is all NaN.
+Geolocation is not in the research format, so ``geo.npy`` is all NaN. Sample keys are
+``<name>_t<index>`` with every character outside ``[A-Za-z0-9_-]`` of the file name (dots
+above all, as in ``granule_2024.06.01_S012G01.pt``) replaced by '_'; the metadata keeps the
+file name.
 
     python -m data_prep.convert_pt_tiles old_tiles/ data/shards_from_pt
 """
@@ -105,6 +108,18 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         shutil.rmtree(args.out_dir)
+    # sample keys cannot hold '.', so dotted names (granule_2024.06.01_S012G01) get a key
+    # with '_' in their place; two names that would share a key are an error
+    keys = {n: samples.safe_key(n) for n in names}
+    by_key: dict[str, list[str]] = {}
+    for n, k in keys.items():
+        by_key.setdefault(k, []).append(n)
+    clash = {k: v for k, v in by_key.items() if len(v) > 1}
+    if clash:
+        for k, v in clash.items():
+            print(f"error: files {', '.join(f + '.pt' for f in v)} would all get the sample "
+                  f"key '{k}'; rename one", file=sys.stderr)
+        return 2
     split = split_granules(names, args.val_fraction, args.seed)
 
     # pass 1: stats from the training files
@@ -152,7 +167,7 @@ def main(argv=None) -> int:
                 errors[name] = str(e)
                 continue
             for i in range(rad.shape[0]):
-                key = f"{name}_t{i:04d}"
+                key = f"{keys[name]}_t{i:04d}"
                 bad = ~np.isfinite(rad[i])
                 z = normalise(rad[i], mean, std)
                 z[bad] = 0.0

@@ -6,30 +6,41 @@ Used by ``compute_stats`` (the aligned pixels) and ``make_shards`` (the tiles).
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 
 import numpy as np
 
 from data_prep import samples
 from data_prep.stats import Z_CLIP, log_radiance
 from data_prep.tempo import (
+    DEFAULT_QA,
     L1_BAND,
     L2_ORDER,
-    TIME_EPOCH,
     GranuleFiles,
+    QARule,
     TempoFileError,
+    qa_rules_json,
     read_l1,
     read_l2,
+    tempo_time_to_utc,
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class ReadOptions:
+    """How granules are read. ``qa`` holds one rule per product in JSON form
+    (``QARule.to_json``, None = no QA; default ``tempo.DEFAULT_QA``)."""
+
     band: str = L1_BAND
-    l1_fill: float = -1.0e30
+    l1_fill: float | None = None  # an extra radiance value to treat as invalid
     l1_quality_mask: int = 0xFFFF
-    mirror_step_policy: str = "trim"  # "trim": use the rows L1 and L2 share; "error"
+    mirror_step_policy: str = "trim"  # "trim": use the mirror steps L1 and L2 share; "error"
     require_products: bool = False  # a granule missing an L2 product is an error
+    qa: dict = dataclasses.field(default_factory=lambda: qa_rules_json(DEFAULT_QA))
+    radiance_error: bool = False  # also read radiance_error (for l1_sigma.npy)
+
+    def qa_rule(self, product: str) -> QARule | None:
+        d = self.qa.get(product, DEFAULT_QA[product] and DEFAULT_QA[product].to_json())
+        return None if d is None else QARule.from_json(d, where=f"QA rule {product}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,50 +59,70 @@ class AlignedGranule:
     wavelength: np.ndarray  # (X, C)
     l2: np.ndarray  # (4, M, X) float32 physical, NaN invalid
     geo: np.ndarray  # (4, M, X) float32
-    time: np.ndarray  # (M,) seconds since 1980-01-06
+    time: np.ndarray  # (M,) TEMPO time, seconds since 1980-01-06 with leap seconds
     report: dict  # counts: invalid radiance, fill / bad QA per product, trimmed rows, ...
+    mirror_step: np.ndarray | None = None  # (M,) absolute scan positions
+    radiance_error: np.ndarray | None = None  # (M, X, C) float32, radiance units
 
 
 def read_granule(g: GranuleFiles, opts: ReadOptions) -> AlignedGranule:
-    """Read the RAD file and every L2 product of a granule onto one grid."""
+    """Read the RAD file and every L2 product of a granule onto one grid.
+
+    Rows are matched by the files' absolute ``mirror_step`` coordinates (by index for files
+    without one): the granule keeps the mirror steps present in the RAD file and every L2
+    file (``mirror_step_policy="trim"``) or fails when they differ (``"error"``).
+    """
     if g.rad is None:
         raise TempoFileError(next(iter(g.l2.values()), g.gid.key),
                              f"no RAD L1 file for granule {g.gid.key}")
     missing = [p for p in L2_ORDER if p not in g.l2]
     if missing and opts.require_products:
         raise TempoFileError(g.rad, f"granule {g.gid.key} has no {', '.join(missing)} L2 file")
-    l1 = read_l1(g.rad, opts.band, opts.l1_fill, opts.l1_quality_mask)
+    l1 = read_l1(g.rad, opts.band, opts.l1_fill, opts.l1_quality_mask,
+                 radiance_error=opts.radiance_error)
     m, x, _ = l1.radiance.shape
-    report: dict = {"l1_invalid_values": l1.n_invalid, "missing_products": missing,
-                    "l1_mirror_steps": m, "l2": {}}
+    report: dict = {"l1_invalid_values": l1.n_invalid,
+                    "l1_invalid_geolocation_pixels": l1.n_invalid_geolocation,
+                    "missing_products": missing, "l1_mirror_steps": m, "l2": {}}
     fields = {}
+    common = l1.mirror_step
     for p, path in sorted(g.l2.items()):
-        f = read_l2(path, p)
+        rule = opts.qa_rule(p)
+        f = read_l2(path, p, rule)
         mp, xp = f.values.shape
         if xp != x:
             raise TempoFileError(path, f"xtrack size {xp} does not match the RAD file's {x} "
                                        f"({g.rad})")
-        if mp != m and opts.mirror_step_policy == "error":
+        if not np.array_equal(f.mirror_step, l1.mirror_step) and \
+                opts.mirror_step_policy == "error":
             raise TempoFileError(path, f"{mp} mirror steps but the RAD file has {m} ({g.rad}); "
                                        "use --mirror-step-policy trim to use the common rows")
         n_valid = int(np.isfinite(f.values).sum())
         report["l2"][p] = {"mirror_steps": mp, "fill": f.n_fill, "bad_qa": f.n_bad_qa,
+                           "qa_removed": f.qa_removed, "qa_rule": f.qa_rule,
                            "valid": n_valid}
         if n_valid == 0:
             report.setdefault("all_invalid_products", []).append(p)
-        fields[p] = f.values
-    rows = min([m] + [v.shape[0] for v in fields.values()])
-    report["mirror_steps_used"] = rows
-    report["mirror_steps_trimmed"] = {"RAD": m - rows} | {p: v.shape[0] - rows
-                                                         for p, v in fields.items()}
-    l2 = np.full((len(L2_ORDER), rows, x), np.nan, np.float32)
+        fields[p] = f
+        common = np.intersect1d(common, f.mirror_step)
+    for path, ms in [(g.rad, l1.mirror_step)] + [(f.path, f.mirror_step)
+                                                 for f in fields.values()]:
+        if not np.all(np.diff(ms) > 0):
+            raise TempoFileError(path, "'mirror_step' is not increasing")
+    rows = np.searchsorted(l1.mirror_step, common) if common.size else np.zeros(0, int)
+    report["mirror_steps_used"] = int(rows.size)
+    report["mirror_steps_trimmed"] = {"RAD": m - rows.size} | {
+        p: f.values.shape[0] - rows.size for p, f in fields.items()}
+    l2 = np.full((len(L2_ORDER), rows.size, x), np.nan, np.float32)
     for i, p in enumerate(L2_ORDER):
         if p in fields:
-            l2[i] = fields[p][:rows]
-    geo = np.stack([l1.latitude, l1.longitude, l1.sza, l1.vza])[:, :rows]
+            f = fields[p]
+            l2[i] = f.values[np.searchsorted(f.mirror_step, common)]
+    geo = np.stack([l1.latitude, l1.longitude, l1.sza, l1.vza])[:, rows]
     files = [g.rad] + [g.l2[p] for p in L2_ORDER if p in g.l2]
-    return AlignedGranule(g.gid.key, files, l1.radiance[:rows], l1.wavelength, l2, geo,
-                          l1.time[:rows], report)
+    err = None if l1.radiance_error is None else l1.radiance_error[rows]
+    return AlignedGranule(g.gid.key, files, l1.radiance[rows], l1.wavelength, l2, geo,
+                          l1.time[rows], report, l1.mirror_step[rows], err)
 
 
 def normalise(rad: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -100,15 +131,23 @@ def normalise(rad: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return np.clip(z, -Z_CLIP, Z_CLIP, out=z)
 
 
+def normalised_error(rad: np.ndarray, err: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """1-sigma radiance error (radiance units, (..., C)) -> 1-sigma of the normalised
+    radiance: d log(I) / std_c = err / (I * std_c). float32, NaN/Inf where undefined."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.abs(err) / (np.maximum(rad, 1.0) * std.astype(np.float32))).astype(
+            np.float32)
+
+
 def tile_positions(m: int, x: int, t: TileOptions) -> list[tuple[int, int]]:
     return [(r, c) for r in range(0, m - t.size + 1, t.stride)
             for c in range(0, x - t.size + 1, t.stride)]
 
 
 def _iso(seconds: float) -> str | None:
-    if not np.isfinite(seconds):
-        return None
-    return (TIME_EPOCH + dt.timedelta(seconds=float(seconds))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """TEMPO time -> ISO 8601 UTC (leap seconds removed), None for NaN."""
+    t = tempo_time_to_utc(seconds)
+    return None if t is None else t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptions):
@@ -142,8 +181,18 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
         geo = g.geo[:, r0:r0 + t.size, c0:c0 + t.size]
         tmid = g.time[r0 + t.size // 2] if g.time.size else np.nan
         meta = {"key": key, "granule": g.key, "row": r0, "col": c0, "size": t.size,
-                "time": _iso(tmid), "files": [f.rsplit("/", 1)[-1] for f in g.files],
+                "time": _iso(tmid), "time_tempo": None if not np.isfinite(tmid) else
+                float(tmid), "files": [f.rsplit("/", 1)[-1] for f in g.files],
                 "l1_filled_values": filled, "l1_invalid_pixels": int((~pixel_ok).sum()),
                 "l2_valid_fraction": l2_valid, "l2_order": list(L2_ORDER)}
+        if g.mirror_step is not None:
+            meta["mirror_step"] = int(g.mirror_step[r0])  # absolute scan position of row 0
+        sample = samples.encode(key, l1, l2, geo, meta)
+        if g.radiance_error is not None:
+            sigma = normalised_error(rad, g.radiance_error[r0:r0 + t.size, c0:c0 + t.size],
+                                     std)
+            sigma[bad | ~pixel_ok[..., None]] = np.inf
+            sample[samples.SIGMA_KEY] = samples.npy_bytes(np.minimum(
+                sigma.transpose(2, 0, 1), samples.SIGMA_UNKNOWN).astype(samples.L1_DTYPE))
         rec.update(status="written", l1_filled_values=filled)
-        yield rec, samples.encode(key, l1, l2, geo, meta)
+        yield rec, sample

@@ -7,7 +7,8 @@ searched recursively. Outputs in OUT_DIR:
     sizes.json               shard path relative to OUT_DIR -> number of samples
     stats.json               normalisation stats of the training split (compute_stats)
     manifest.json            every candidate tile: written, or dropped with its reason;
-                             every input file used or ignored; per-granule QA counts
+                             every input file used or ignored; the QA rules and what
+                             each removed (per product, per bit or value, per granule)
     plan.json                inputs and options of this run (a re-run must match it)
 
 Granules are split into train/val by a seeded permutation (no granule in both), grouped
@@ -38,7 +39,15 @@ from tqdm import tqdm
 from data_prep import compute_stats
 from data_prep.granule import ReadOptions, TileOptions, cut_tiles, read_granule, tile_positions
 from data_prep.samples import L1_DTYPE
-from data_prep.tempo import L2_ORDER, GranuleFiles, TempoFileError, discover, find_files
+from data_prep.tempo import (
+    L2_ORDER,
+    GranuleFiles,
+    TempoFileError,
+    discover,
+    find_files,
+    qa_rules,
+    qa_rules_json,
+)
 from data_prep.util import atomic_write_json, read_json
 
 FORMAT = "tempo-vae-shards/1"
@@ -55,6 +64,25 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GB, 500MB, 123456)")
     mult = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m[2].lower()]
     return int(float(m[1]) * mult)
+
+
+def load_qa_rules(path: str | None, specs: list[str]) -> dict:
+    """Default QA rules, then the JSON file ``path``, then ``PRODUCT=RULE`` specs.
+    Raises ValueError / OSError naming the file or spec."""
+    overrides: dict = {}
+    if path:
+        obj = read_json(path)
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: QA rules must be a JSON object {{PRODUCT: rule}}")
+        overrides.update(obj)
+    rules = qa_rules(overrides, f"{path}" if path else "QA rules")
+    for spec in specs:
+        prod, sep, rule = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--qa {spec!r}: want PRODUCT=RULE")
+        prod = prod.strip()
+        rules[prod] = qa_rules({prod: rule}, f"--qa {spec!r}")[prod]
+    return rules
 
 
 def split_granules(keys: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -86,7 +114,7 @@ class Unit:
 
 
 def plan_units(granules: dict[str, GranuleFiles], split: dict[str, str], tile: TileOptions,
-               band: str, shard_bytes: int) -> list[Unit]:
+               band: str, shard_bytes: int, radiance_error: bool = False) -> list[Unit]:
     units: list[Unit] = []
     for s in SPLITS:
         keys = sorted(k for k, v in split.items() if v == s)
@@ -100,7 +128,8 @@ def plan_units(granules: dict[str, GranuleFiles], split: dict[str, str], tile: T
             else:
                 m, x, c = shape
                 n = len(tile_positions(m, x, tile))
-                est = n * (c * tile.size**2 * np.dtype(L1_DTYPE).itemsize + 32 * tile.size**2)
+                l1 = c * tile.size**2 * np.dtype(L1_DTYPE).itemsize
+                est = n * (l1 * (2 if radiance_error else 1) + 32 * tile.size**2)
             if cur and size + est > shard_bytes:
                 units.append(Unit(f"{s}-{n_units:05d}", s, cur))
                 n_units += 1
@@ -212,6 +241,13 @@ def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) 
         tiles.extend(d["records"])
         reports.update(d["reports"])
         errors.update(d["errors"])
+    qa_removed: dict[str, dict[str, int]] = {}
+    for rep in reports.values():
+        for p, r in rep.get("l2", {}).items():
+            q = qa_removed.setdefault(p, {"pixels": 0})
+            q["pixels"] += r.get("bad_qa", 0)
+            for k, n in r.get("qa_removed", {}).items():
+                q[k] = q.get(k, 0) + n
     dropped: dict[str, int] = {}
     for r in tiles:
         if r["status"] == "dropped":
@@ -229,7 +265,9 @@ def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) 
         "counts": {"candidate_tiles": sum(1 for r in tiles if r["key"]),
                    "written": written, "dropped": dropped, "per_split": per_split,
                    "granules": len(split), "granule_errors": len(errors),
-                   "ignored_files": len(ignored)},
+                   "ignored_files": len(ignored),
+                   "qa_removed": qa_removed},  # L2 pixels per product, and per bit / value
+        "qa_rules": plan["options"]["read"].get("qa"),
         "shard_bytes": dict(sorted(nbytes.items())),  # the trainer checks these at start
         "granule_errors": errors,
         "ignored_files": [{"path": p, "reason": r} for p, r in ignored],
@@ -242,8 +280,14 @@ def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) 
 
 
 def run(args) -> int:
+    try:
+        rules = load_qa_rules(args.qa_rules, args.qa)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     read_opts = ReadOptions(band=args.band, mirror_step_policy=args.mirror_step_policy,
-                            require_products=args.require_products)
+                            require_products=args.require_products, qa=qa_rules_json(rules),
+                            radiance_error=args.radiance_error)
     tile = TileOptions(args.tile_size, args.stride or args.tile_size, args.min_valid_fraction,
                        args.max_bad_channel_fraction)
     if not os.path.isdir(args.input_dir):
@@ -270,6 +314,7 @@ def run(args) -> int:
                         "shard_bytes": args.shard_size, "max_samples_per_shard":
                             args.max_samples_per_shard,
                         "stats": os.path.abspath(args.stats) if args.stats else None}}
+    plan = json.loads(json.dumps(plan))  # the form plan.json holds (lists, not tuples)
     try:
         _check_out_dir(args.out_dir, plan, args.overwrite)
     except OutputDirError as e:
@@ -300,7 +345,7 @@ def run(args) -> int:
     mean = np.asarray(stats["l1"]["mean"], np.float32)
     std = np.asarray(stats["l1"]["std"], np.float32)
 
-    units = plan_units(granules, split, tile, args.band, args.shard_size)
+    units = plan_units(granules, split, tile, args.band, args.shard_size, args.radiance_error)
     todo = []
     for u in units:
         marker = os.path.join(args.out_dir, ".done", f"{u.id}.json")
@@ -355,6 +400,22 @@ def parse_args(argv=None):
                    help="L1/L2 with different mirror-step counts: use common rows, or fail")
     p.add_argument("--require-products", action="store_true",
                    help="a granule missing any L2 product is an error (default: NaN targets)")
+    p.add_argument("--qa", action="append", default=[], metavar="PRODUCT=RULE",
+                   help="quality rule of one L2 product, replacing its default: 'none', or "
+                        "';'-separated bits:LIST (reject a pixel with any of these bits set), "
+                        "accept:LIST (kept values of the flag, or of its listed bits), "
+                        "variable:PATH; e.g. --qa NO2=accept:0,1 --qa CLDO4=bits:0,3,8,9,12. "
+                        "Defaults (DESIGN.md section 2, tempo_sdpc): NO2, HCHO "
+                        "main_data_quality_flag accept:0; O3TOT quality_flag bits:0-2 "
+                        "(error code 0); CLDO4 processing_quality_flag bits:0,3,8,9,12 "
+                        "(clear sky, bit 13, is kept)")
+    p.add_argument("--qa-rules", default=None, metavar="JSON",
+                   help="file of quality rules: {PRODUCT: {variable, bits, accept} | null}; "
+                        "keys merge into the defaults; --qa applies after it")
+    p.add_argument("--radiance-error", action="store_true",
+                   help="also store the RAD radiance_error per tile as <key>.l1_sigma.npy "
+                        "(float16, normalised units): as many bytes again as l1 "
+                        "(C*H*W*2, 8.4 MB for a 1028x64x64 tile)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards made with other options in OUT_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -4,9 +4,9 @@ Radiance per pixel and channel (photons s^-1 cm^-2 nm^-1 sr^-1):
 
     I = F0(l) * mu0 / pi * R(l) * exp(-sum_i sigma_i(l) * S_i)
 
-with R the sum of a single-scattering Rayleigh path reflectance and surface and cloud
-reflectances attenuated by Rayleigh extinction (tau_R = 0.0088 * l_um^-4.05 * p/1013),
-and S_i the slant columns of NO2 (troposphere and stratosphere), O3, HCHO and O2-O2
+with R the sum of a single-scattering Rayleigh path reflectance (summed over pressure
+layers, each seeing only the ozone above it) and surface and cloud reflectances attenuated
+by Rayleigh extinction (tau_R = 0.0088 * l_um^-4.05 * p/1013), and S_i the slant columns of NO2 (troposphere and stratosphere), O3, HCHO and O2-O2
 (whose column scales with the square of the pressure of the reflecting level, so it sees
 the cloud pressure). Cross-sections and the solar spectrum are convolved with a Gaussian
 slit on a fine grid and sampled at each cross-track position's wavelengths. The
@@ -176,34 +176,139 @@ def rayleigh_tau(wl_nm: np.ndarray) -> np.ndarray:
     return 0.0088 * (wl_nm / 1000.0) ** -4.05
 
 
+def ozone_fraction_above(p_hpa: np.ndarray) -> np.ndarray:
+    """Fraction of the ozone column above pressure ``p_hpa``: a smooth profile with half
+    the column above 30 hPa and ~86% above 100 hPa (a mid-latitude ozone profile's
+    stratospheric peak)."""
+    r = (np.asarray(p_hpa, np.float64) / 30.0) ** 1.5
+    return r / (1.0 + r)
+
+
+# bottom edges of the single-scattering Rayleigh layers, as fractions of the bottom pressure
+RAYLEIGH_EDGES = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.35, 0.65, 1.0)
+
+
 def radiance(sampled: dict[str, np.ndarray], wl: np.ndarray, f: dict[str, np.ndarray]) -> np.ndarray:
     """Top-of-atmosphere radiance (M, X, C) float32 from the fields ``f`` (each (M, X)).
 
     ``sampled`` holds (X, C) spectra from :func:`sample`, ``wl`` is (X, C) nm. Field keys:
     sza, vza, raa (deg), albedo, cloud_fraction, cloud_pressure, surface_pressure (hPa),
     no2_trop, no2_strat, hcho (molecules/cm^2), o3 (DU).
+
+    Rayleigh single scattering is summed over the pressure layers ``RAYLEIGH_EDGES``, each
+    attenuated by the ozone above it only (``ozone_fraction_above``): below ~314 nm, where
+    the full ozone column absorbs almost everything, the light that reaches the sensor is
+    scattered above or inside the ozone layer. Surface and cloud reflection see the whole
+    column.
     """
-    mu0 = np.cos(np.radians(f["sza"]))[..., None]  # (M, X, 1)
-    mu = np.cos(np.radians(f["vza"]))[..., None]
+    f32 = {k: np.asarray(v, np.float32)[..., None] for k, v in f.items()}  # (M, X, 1)
+    sp = {k: np.asarray(v, np.float32)[None] for k, v in sampled.items()}  # (1, X, C)
+    mu0 = np.cos(np.radians(f32["sza"]))
+    mu = np.cos(np.radians(f32["vza"]))
     s0, s = np.sqrt(1 - mu0**2), np.sqrt(1 - mu**2)
-    cos_scat = -mu0 * mu + s0 * s * np.cos(np.radians(f["raa"]))[..., None]
+    cos_scat = -mu0 * mu + s0 * s * np.cos(np.radians(f32["raa"]))
     phase = 0.75 * (1.0 + cos_scat**2)
     amf = 1.0 / mu0 + 1.0 / mu
-    cf = f["cloud_fraction"][..., None]
-    ps = f["surface_pressure"][..., None] / 1013.25
-    pc = f["cloud_pressure"][..., None] / 1013.25
+    cf = f32["cloud_fraction"]
+    ps = f32["surface_pressure"] / np.float32(1013.25)
+    pc = f32["cloud_pressure"] / np.float32(1013.25)
     tau_r = rayleigh_tau(wl)[None].astype(np.float32)  # (1, X, C)
-    ext_s = np.exp(-tau_r * (amf * ps))
-    ext_c = np.exp(-tau_r * (amf * pc))
-    rho_ray = phase / (4.0 * (mu + mu0)) * (1.0 - ext_s)
-    refl = rho_ray + (1 - cf) * f["albedo"][..., None] * ext_s + cf * 0.8 * ext_c
+    # diffuse transmittance (half the Rayleigh-scattered light goes on forward):
+    # exp(-tau_R * p / 2 * AMF) instead of the direct beam's exp(-tau_R * p * AMF)
+    ext_s = np.exp(-0.5 * tau_r * (amf * ps))
+    ext_c = np.exp(-0.5 * tau_r * (amf * pc))
     # tropospheric absorbers are partly shielded by clouds and seen with a smaller AMF
     amf_trop = amf * (0.6 * (1 - cf) + 0.15 * cf)
-    o4_col = O4_COLUMN_SURFACE * ((1 - cf) * ps**2 + cf * pc**2)
-    tau = (sampled["no2"][None] * (f["no2_trop"][..., None] * amf_trop
-                                   + f["no2_strat"][..., None] * amf)
-           + sampled["o3"][None] * (f["o3"][..., None] * DU * amf)
-           + sampled["hcho"][None] * (f["hcho"][..., None] * amf_trop)
-           + sampled["o4"][None] * (o4_col * amf))
-    rad = sampled["solar"][None] * mu0 / np.pi * refl * np.exp(-tau)
-    return rad.astype(np.float32)
+    # O2-O2 column in units of O4_COLUMN_SURFACE (1.35e43 does not fit float32)
+    o4_col = (1 - cf) * ps**2 + cf * pc**2
+    o4_xsec = (sampled["o4"] * O4_COLUMN_SURFACE).astype(np.float32)[None]
+    tau_other = (sp["no2"] * (f32["no2_trop"] * amf_trop + f32["no2_strat"] * amf)
+                 + sp["hcho"] * (f32["hcho"] * amf_trop) + o4_xsec * (o4_col * amf))
+    tau_o3 = sp["o3"] * (f32["o3"] * np.float32(DU) * amf)  # full slant optical depth
+    # Rayleigh: layers down to the cloud-weighted bottom, geometrically spaced in pressure
+    # so that the few hPa above the ozone peak (all that is seen below ~310 nm) are resolved.
+    # Channels where even 600 DU at the largest AMF absorb < 1% use the closed form.
+    p_bot = (1 - cf) * ps + cf * pc  # (M, X, 1) in units of 1013.25 hPa
+    uv = (sampled["o3"].max(axis=0) * 600 * DU * float(amf.max())) > 0.01  # (C,)
+    rho_ray = ((1.0 - np.exp(-tau_r * amf * p_bot)) / amf * np.exp(-tau_o3)).astype(np.float32)
+    if uv.any():
+        tr, to3 = tau_r[..., uv], tau_o3[..., uv]
+        edges = [np.zeros_like(p_bot)] + [p_bot * np.float32(q) for q in RAYLEIGH_EDGES]
+        acc = np.zeros(np.broadcast_shapes(to3.shape, tr.shape), np.float32)
+        for top, bot in zip(edges[:-1], edges[1:], strict=True):
+            p_mid = 0.5 * (top + bot)
+            g = ozone_fraction_above(p_mid * 1013.25).astype(np.float32)
+            acc += (bot - top) * np.exp(-(tr * (amf * p_mid) + to3 * g))
+        rho_ray[..., uv] = acc * tr
+    # multiple scattering: about (1 + tau_R) times the single-scattered light
+    rho_ray *= phase / (4.0 * mu * mu0) * (1.0 + tau_r * p_bot)
+    refl_surf = ((1 - cf) * f32["albedo"] * ext_s + cf * 0.8 * ext_c) * np.exp(-tau_o3)
+    rad = sp["solar"] * mu0 / np.float32(np.pi) * (rho_ray + refl_surf) * np.exp(-tau_other)
+    return rad.astype(np.float32, copy=False)
+
+
+def shot_noise(rad: np.ndarray, snr_at_1e13: float) -> np.ndarray:
+    """1-sigma noise (radiance units) of a photon-noise-limited detector whose SNR is
+    ``snr_at_1e13`` at a radiance of 1e13 and scales with sqrt(radiance)."""
+    return (np.sqrt(np.maximum(rad, 0.0) * 1e13) / snr_at_1e13).astype(np.float32)
+
+
+def round_significant(x: np.ndarray, digits: int) -> np.ndarray:
+    """Round to ``digits`` significant digits (as the L1 processor writes radiance_error)."""
+    x = np.asarray(x, np.float64)
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log10(np.abs(np.where(x == 0, 1.0, x))))
+    scale = 10.0 ** (digits - 1 - e)
+    return (np.round(x * scale) / scale).astype(np.float32)
+
+
+# fitting windows (nm) of the operational retrievals whose photon-noise precision we mimic
+RETRIEVAL_WINDOWS = {"NO2": (405.0, 465.0), "HCHO": (328.5, 356.5), "O3TOT": (312.0, 340.0)}
+# closure polynomial order per window: DOAS fits (NO2, HCHO) remove a cubic; total ozone
+# uses the absorption step across its window, with only a linear reflectance term
+CLOSURE_ORDER = {"NO2": 3, "HCHO": 3, "O3TOT": 1}
+RETRIEVAL_NOISE_FACTOR = 2.0  # real retrievals: interferences and the closure polynomial
+CLOUD_FRACTION_PRECISION = 0.03  # limited by the surface albedo, not by photon noise
+
+
+def differential(xsec: np.ndarray, wl: np.ndarray, window: tuple[float, float],
+                 order: int = 3) -> np.ndarray:
+    """Cross-section minus its polynomial fit over ``window`` (the part a DOAS fit with a
+    closure polynomial of ``order`` can see); 0 outside the window. (C,) arrays."""
+    w = (wl >= window[0]) & (wl <= window[1])
+    out = np.zeros_like(xsec, dtype=np.float64)
+    if w.sum() > order + 1:
+        x = (wl[w] - wl[w].mean()) / max(np.ptp(wl[w]), 1e-9)
+        coef = np.polyfit(x, xsec[w], order)
+        out[w] = xsec[w] - np.polyval(coef, x)
+    return out
+
+
+def retrieval_precision(sampled: dict[str, np.ndarray], wl: np.ndarray,
+                        f: dict[str, np.ndarray], rad: np.ndarray,
+                        sigma: np.ndarray) -> dict[str, np.ndarray]:
+    """1-sigma retrieval noise per pixel ((M, X) arrays, L2 units) consistent with the
+    spectra: the photon-noise (Cramer-Rao) bound of a fit of the differential cross-section
+    over the product's window, 1 / (AMF * sqrt(sum_c (dsigma_c / (sigma_I,c / I_c))^2)),
+    times ``RETRIEVAL_NOISE_FACTOR``. NO2 and HCHO in molecules/cm^2 (tropospheric AMF of
+    :func:`radiance`), O3TOT in DU; CLDO4 is ``CLOUD_FRACTION_PRECISION``.
+    ``rad`` and ``sigma`` are (M, X, C) radiance and its 1-sigma noise."""
+    mu0 = np.cos(np.radians(f["sza"]))
+    mu = np.cos(np.radians(f["vza"]))
+    amf = 1.0 / mu0 + 1.0 / mu
+    cf = f["cloud_fraction"]
+    amf_eff = {"NO2": amf * (0.6 * (1 - cf) + 0.15 * cf),
+               "HCHO": amf * (0.6 * (1 - cf) + 0.15 * cf), "O3TOT": amf * DU}
+    wl_mean = wl.mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr2 = np.nan_to_num((rad.astype(np.float64) / sigma) ** 2, nan=0.0, posinf=0.0)
+    out = {}
+    for prod, key in (("NO2", "no2"), ("HCHO", "hcho"), ("O3TOT", "o3")):
+        d = differential(sampled[key].mean(axis=0), wl_mean, RETRIEVAL_WINDOWS[prod],
+                         CLOSURE_ORDER[prod])
+        info = snr2 @ (d**2)  # (M, X): sum over channels
+        with np.errstate(divide="ignore"):
+            out[prod] = RETRIEVAL_NOISE_FACTOR / (amf_eff[prod] * np.sqrt(info))
+        out[prod] = np.minimum(out[prod], 1e30)
+    out["CLDO4"] = np.full(cf.shape, CLOUD_FRACTION_PRECISION)
+    return out

@@ -5,7 +5,15 @@ A sample is a group of tar members with one key (``<granule>_r<row>_c<col>``):
     <key>.l1.npy   float16 (C, H, W)  normalised radiance, clip((log(max(I,1)) - mean)/std, +-10)
     <key>.l2.npy   float32 (4, H, W)  NO2, O3TOT, HCHO, CLDO4 in physical units, NaN = invalid
     <key>.geo.npy  float32 (4, H, W)  latitude, longitude, solar and viewing zenith angle (deg)
-    <key>.json     granule, time, tile position, validity counts
+    <key>.json     granule, time (UTC), mirror_step, tile position, validity counts
+    <key>.l1_sigma.npy  float16 (C, H, W), optional (``make_shards --radiance-error``): the
+                   RAD file's 1-sigma ``radiance_error`` in normalised units,
+                   err / (I * std_c); 65504 (float16 max) where unknown. Same bytes as l1
+                   (C*H*W*2: 8.4 MB for a 1028x64x64 tile).
+
+Keys are ``[A-Za-z0-9_-]+``: tar members are grouped into samples at the first '.' of
+their base name (WebDataset's rule), so a key holding a '.' would split a sample
+(``safe_key`` makes any name into a valid key; readers reject invalid keys, naming them).
 
 float16 keeps the normalised radiance to within half a unit in the last place:
 |error| <= 2**-11 * |z| (<= 0.0049 at the clip limit |z| = 10, <= 0.0015 for |z| < 3),
@@ -17,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -25,6 +34,28 @@ L1_KEY, L2_KEY, GEO_KEY, META_KEY = "l1.npy", "l2.npy", "geo.npy", "json"
 SAMPLE_KEYS = (L1_KEY, L2_KEY, GEO_KEY, META_KEY)
 GEO_ORDER = ("latitude", "longitude", "sza", "vza")
 L1_DTYPE, L2_DTYPE, GEO_DTYPE = np.float16, np.float32, np.float32
+SIGMA_KEY = "l1_sigma.npy"
+MEMBER_NAMES = SAMPLE_KEYS + (SIGMA_KEY,)
+SIGMA_UNKNOWN = 65504.0  # float16 max: no error estimate for this value
+_KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def safe_key(name: str) -> str:
+    """A sample key the tar format can hold for ``name``: every character outside
+    ``[A-Za-z0-9_-]`` (dots above all) becomes '_'. ``granule_2024.06.01_S012G01`` ->
+    ``granule_2024_06_01_S012G01``."""
+    out = re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+    if not out:
+        raise ValueError(f"cannot make a sample key from {name!r}")
+    return out
+
+
+def check_key(key: str, where: str = "") -> str:
+    """Raise SampleError naming ``key`` unless it is a valid sample key."""
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise SampleError(f"{where}: invalid sample key {key!r} (keys are [A-Za-z0-9_-]+; a "
+                          "'.' would split the sample's members)", "bad_key")
+    return key
 FLOAT16_REL_ERROR = 2.0**-11
 
 
@@ -81,6 +112,13 @@ def iter_tar(path: str, lazy_min: int | None = None):
                     continue
                 base = os.path.basename(member.name)
                 key, _, ext = base.partition(".")
+                if ext not in MEMBER_NAMES or not _KEY_RE.fullmatch(key):
+                    err = ShardError(
+                        f"{path}: member '{member.name}' is not <key>.<one of "
+                        f"{', '.join(MEMBER_NAMES)}> with a key of [A-Za-z0-9_-]; a sample "
+                        f"key holding '.' splits its sample (key read: '{key}')")
+                    err.reason = "bad_key"
+                    raise err
                 if cur and cur["__key__"] != key:
                     yield cur
                     cur = {}
@@ -175,6 +213,9 @@ def npy_array(data, where: str = ""):
 
 
 def encode(key: str, l1: np.ndarray, l2: np.ndarray, geo: np.ndarray, meta: dict) -> dict:
+    """A sample dict for a shard writer; raises SampleError for a key the format cannot
+    hold (see ``safe_key``)."""
+    check_key(key, "encode")
     return {
         "__key__": key,
         L1_KEY: npy_bytes(l1.astype(L1_DTYPE, copy=False)),
@@ -188,6 +229,7 @@ def decode(sample: dict, where: str = "") -> dict:
     """Raw tar members -> arrays, checking presence, dtypes and shapes."""
     key = sample.get("__key__", "?")
     here = f"{where} sample '{key}'"
+    check_key(key, where)
     missing = [k for k in SAMPLE_KEYS if k not in sample]
     if missing:
         raise SampleError(f"{here}: missing members {missing}", "missing_members")
