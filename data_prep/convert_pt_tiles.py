@@ -17,7 +17,6 @@ file name.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -30,7 +29,7 @@ from data_prep.granule import normalise
 from data_prep.make_shards import SPLITS, parse_size, split_granules
 from data_prep.stats import DatasetStats, log_radiance
 from data_prep.tempo import L2_ORDER
-from data_prep.util import atomic_write_json
+from data_prep.util import argument_parser, atomic_write_json
 
 DEFAULT_SCALES = {"NO2": 1e15, "O3TOT": 1.0, "HCHO": 1e16, "CLDO4": 1.0}
 
@@ -71,17 +70,20 @@ def load_file(in_dir: str, name: str, scales: dict[str, float]):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.convert_pt_tiles",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("input_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--val-fraction", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"))
+    p = argument_parser("python -m data_prep.convert_pt_tiles", __doc__)
+    p.add_argument("input_dir", help="research tile folder: *.pt radiance files [N, H, W, C] "
+                                     "and l2_<PRODUCT>/<same name>.pt [N, H, W]")
+    p.add_argument("out_dir", help="shard folder to create (train/, val/, sizes.json, "
+                                   "stats.json, manifest.json)")
+    p.add_argument("--val-fraction", type=float, default=0.3,
+                   help="fraction of .pt files (granules) put in the validation split")
+    p.add_argument("--seed", type=int, default=42, help="seed of the train/val split")
+    p.add_argument("--shard-size", type=parse_size, default="1GB",
+                   help="target shard size (B, KB, MB, GB)")
     p.add_argument("--l2-scale", action="append", default=[], metavar="PRODUCT=FACTOR",
-                   help="physical value = stored value x FACTOR (defaults: NO2=1e15, HCHO=1e16)")
-    p.add_argument("--overwrite", action="store_true")
+                   help="physical value = stored value x FACTOR, repeatable (built in: "
+                        "NO2=1e15, HCHO=1e16, others 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     args = p.parse_args(argv)
     scales = dict(DEFAULT_SCALES)
     for item in args.l2_scale:

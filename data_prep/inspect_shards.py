@@ -1,6 +1,6 @@
 """Check a shard folder end to end and print a summary.
 
-Inputs: OUT_DIR made by ``make_shards`` or ``convert_pt_tiles``. Opens every sample of every
+Input: SHARD_DIR made by ``make_shards`` or ``convert_pt_tiles``. Opens every sample of every
 shard with plain ``tarfile``, decodes the arrays, checks shapes, dtypes and finiteness of
 the radiance, that keys are unique, that per-shard counts equal ``sizes.json``, that totals
 equal the manifest, and that no granule is in both splits. Exit code 0 when everything
@@ -11,7 +11,6 @@ holds, 1 on any problem (each printed with its shard and key).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import Counter
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import samples
-from data_prep.util import read_json
+from data_prep.util import argument_parser, read_json
 
 
 def iter_tar_samples(path: str):
@@ -28,18 +27,18 @@ def iter_tar_samples(path: str):
     return samples.iter_tar(path)
 
 
-def inspect(out_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
+def inspect(shard_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
     problems: list[str] = []
-    sizes_path = os.path.join(out_dir, "sizes.json")
+    sizes_path = os.path.join(shard_dir, "sizes.json")
     if not os.path.exists(sizes_path):
         return {}, [f"{sizes_path}: missing"]
     sizes = read_json(sizes_path)
-    manifest_path = os.path.join(out_dir, "manifest.json")
+    manifest_path = os.path.join(shard_dir, "manifest.json")
     manifest = read_json(manifest_path) if os.path.exists(manifest_path) else None
     if manifest is None:
         problems.append(f"{manifest_path}: missing")
-    on_disk = sorted(os.path.relpath(os.path.join(d, f), out_dir)
-                     for s in ("train", "val") for d, _, fs in os.walk(os.path.join(out_dir, s))
+    on_disk = sorted(os.path.relpath(os.path.join(d, f), shard_dir)
+                     for s in ("train", "val") for d, _, fs in os.walk(os.path.join(shard_dir, s))
                      for f in fs if f.endswith(".tar"))
     for rel in sorted(set(on_disk) - set(sizes)):
         problems.append(f"{rel}: shard on disk but not in sizes.json")
@@ -51,7 +50,7 @@ def inspect(out_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
     total_l2 = 0
     for rel in tqdm(sorted(sizes), desc="shards", unit="shard", disable=not progress,
                     file=sys.stderr):
-        path = os.path.join(out_dir, rel)
+        path = os.path.join(shard_dir, rel)
         split = rel.split("/", 1)[0]
         if not os.path.exists(path):
             problems.append(f"{rel}: listed in sizes.json but missing")
@@ -104,13 +103,13 @@ def inspect(out_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.inspect_shards",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("out_dir", help="shard folder (with sizes.json and manifest.json)")
+    p = argument_parser("python -m data_prep.inspect_shards", __doc__)
+    p.add_argument("shard_dir", help="shard folder made by make_shards or convert_pt_tiles "
+                                     "(with sizes.json and manifest.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    summary, problems = inspect(args.out_dir, not args.quiet)
-    print(f"{args.out_dir}: {summary.get('shards', 0)} shards, samples {summary.get('samples')}, "
+    summary, problems = inspect(args.shard_dir, not args.quiet)
+    print(f"{args.shard_dir}: {summary.get('shards', 0)} shards, samples {summary.get('samples')}, "
           f"l1 shape {summary.get('l1_shape')}, granules {summary.get('granules')}, "
           f"L2 invalid fraction {summary.get('l2_invalid_fraction')}")
     for pr in problems:

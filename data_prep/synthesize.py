@@ -17,7 +17,6 @@ The same seed gives the same files.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import sys
@@ -41,6 +40,7 @@ from data_prep.tempo import (
     file_name,
     utc_to_tempo_time,
 )
+from data_prep.util import argument_parser
 
 PRODUCT_TITLES = {"NO2": "nitrogen dioxide", "O3TOT": "total ozone", "HCHO": "formaldehyde",
                   "CLDO4": "cloud"}
@@ -407,15 +407,15 @@ def write_granule(out_dir: str, gid: GranuleId, index: int, args, sampled, wl, r
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m data_prep.synthesize",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m data_prep.synthesize", __doc__)
     p.add_argument("out_dir", help="folder to write granules into (created)")
     p.add_argument("--granules", type=int, default=4, help="number of granules")
     p.add_argument("--mirror-steps", type=int, default=64, help="mirror steps per granule")
     p.add_argument("--xtrack", type=int, default=256, help="cross-track pixels")
     p.add_argument("--channels", type=int, default=1028, help="spectral channels, 290-490 nm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fields, geometry, noise and QA failures (same seed, "
+                        "same files)")
     p.add_argument("--xsec-dir", default=None,
                    help="read real cross-sections and solar spectrum from this folder "
                         "(format of the reference data); analytic shapes otherwise")

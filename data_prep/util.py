@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -35,3 +36,21 @@ def atomic_write_json(path: str, obj) -> None:
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and ``(default: X)`` after every option that has a
+    default worth showing (not None, False, '' or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, "", []) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def argument_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a command: ``prog`` as users type it, the first paragraph of
+    the module docstring ``doc`` as description and the rest as epilog, defaults shown."""
+    head, _, rest = (doc or "").strip().partition("\n\n")
+    return argparse.ArgumentParser(prog=prog, description=head, epilog=rest or None,
+                                   formatter_class=HelpFormatter)
