@@ -284,7 +284,6 @@ def run_ridge(pix: dict, transform, seed: int) -> tuple[dict, dict]:
 
     out, pairs = {}, {}
     xtr_all = pix["train"]["x"]
-    mu, sd = xtr_all.mean(0), xtr_all.std(0) + 1e-6
     for i, p in enumerate(L2_ORDER):
         ytr_p = pix["train"]["y"][:, i]
         mtr = np.isfinite(ytr_p)
@@ -294,6 +293,7 @@ def run_ridge(pix: dict, transform, seed: int) -> tuple[dict, dict]:
                       "rmse": math.nan, "bias": math.nan, "alpha": math.nan}
             continue
         ytr_t = transform_one(transform, i, ytr_p[mtr])
+        mu, sd = xtr_all[mtr].mean(0), xtr_all[mtr].std(0) + 1e-6  # valid pixels only
         model = RidgeCV(alphas=np.logspace(-3, 4, 15)).fit((xtr_all[mtr] - mu) / sd, ytr_t)
         pred_t = model.predict((pix["val"]["x"][mva] - mu) / sd)
         phys = _inverse_one(transform, i, pred_t)
