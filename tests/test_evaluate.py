@@ -135,3 +135,26 @@ def test_cli_outputs_and_mismatched_normalisation(trained, train_shards, tmp_pat
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "other radiance statistics" in p.stderr
     assert not os.path.exists(str(tmp_path / "ev2"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_research_question_script_tiny(tmp_path):
+    """The one-command comparison at a tiny setting: both runs, both evaluations, a table."""
+    out = str(tmp_path / "rq")
+    p = subprocess.run([sys.executable, "scripts/research_question.py", out, "--granules", "4",
+                        "--mirror-steps", "32", "--xtrack", "48", "--channels", "64",
+                        "--steps", "4", "--mlp-epochs", "1", "model.channels=[16,16]",
+                        "model.latent_channels=4", "model.head_hidden=[16]",
+                        "model.attn_heads=2", "data.num_workers=0", "data.batch_size=4",
+                        "train.val_every=0"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=500)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "| linear probe (model space) |" in p.stdout
+    r = json.load(open(os.path.join(out, "comparison.json")))
+    assert r["l2_weights"] == [0.1, 0.1, 0.1, 0.1] and r["steps"] == 4
+    sup = json.load(open(os.path.join(out, "supervised", "eval", "evaluation.json")))
+    uns = json.load(open(os.path.join(out, "unsupervised", "eval", "evaluation.json")))
+    assert sup["supervised"] and not uns["supervised"]
+    assert r["r2"]["MLP probe (model space)"]["O3TOT"]["unsupervised"] == \
+        uns["probes"]["mlp"]["O3TOT"]["r2_model_space"]
