@@ -96,6 +96,22 @@ def test_export_writes_a_self_contained_folder_equal_to_the_checkpoint(run_dir, 
     assert tp["o3_mean"] == pytest.approx(model.pretrained.stats["l2"]["O3TOT"]["mean"])
 
 
+def test_export_reads_a_ddp_checkpoint(run_dir, model_dir, tmp_path):
+    """Accelerate saves a DDP-wrapped model with its 'module.' key prefix (save_state calls
+    get_state_dict(model, unwrap=False)); the export strips it."""
+    from safetensors.torch import load_file, save_file
+
+    src = os.path.join(run_dir, "checkpoints", "step_00000006")
+    ck = str(tmp_path / "ddp" / "checkpoints" / "step_00000006")
+    shutil.copytree(src, ck)
+    w = os.path.join(ck, "model.safetensors")
+    save_file({"module." + k: v for k, v in load_file(w).items()}, w)
+    out = export(ck, str(tmp_path / "model"))
+    a, b = load_pretrained(out), load_pretrained(model_dir)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
 def test_load_pretrained_needs_neither_deepspeed_nor_the_run_folder(model_dir, tmp_path):
     moved = str(tmp_path / "elsewhere")
     shutil.copytree(model_dir, moved)
