@@ -206,6 +206,16 @@ def test_predictions_on_tiles_equal_validation(model_dir, synth_dir, train_shard
     assert checked == 6
 
 
+def test_bf16_autocast_is_close_to_fp32(model_dir):
+    model = load_pretrained(model_dir)
+    x = np.random.default_rng(0).normal(size=(3, 64, 16, 16)).astype(np.float16)
+    p32, z32 = predict_tiles(model, x, 2)
+    p16, z16 = predict_tiles(model, x, 2, autocast_dtype=torch.bfloat16)
+    assert p16.dtype == np.float32 and not np.array_equal(p16, p32)  # really ran in bf16
+    scale = np.abs(z32).max()
+    assert np.abs(z16 - z32).max() < 0.05 * scale
+
+
 def test_axis_starts_cover_with_flush_last_tile():
     assert axis_starts(48, 16) == [0, 16, 32]
     assert axis_starts(70, 16) == [0, 16, 32, 48, 54]

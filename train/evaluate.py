@@ -14,9 +14,10 @@ unless marked "model space":
 - probes (the research protocol; any checkpoint, supervised or not): from the latent means
   of a cell to the cell's pooled L2 target in model space (the transforms the head is
   trained with), a linear least-squares probe and an MLP probe (hidden 512-512, ReLU,
-  dropout 0.1, Adam), fit on training cells where the product is valid, R^2 on validation
-  cells, in model space and, after the inverse transform, in physical units. The MLP is
-  torch, not scikit-learn: MLPRegressor has no dropout.
+  dropout 0.1, Adam), fit on training cells where the product is valid (at most
+  --max-cells, a seeded uniform draw), R^2 on validation cells, in model space and, after
+  the inverse transform, in physical units. The MLP is torch, not scikit-learn:
+  MLPRegressor has no dropout.
 - ridge baseline: per pixel, from the normalised spectrum plus viewing geometry (cos SZA,
   cos VZA, the geometric air-mass factor 1/cos SZA + 1/cos VZA) to the product in model
   space, fit only on training pixels where that product's L2 is valid (alpha by
@@ -246,11 +247,17 @@ def _inverse_one(transform, i: int, y: np.ndarray) -> np.ndarray:
 
 
 def run_probes(feats: dict, targets_t: dict, targets_p: dict, transform, mlp_epochs: int,
-               seed: int, progress: bool) -> dict:
-    """Linear and MLP probes per product; feats[split] (N, Z), targets_*[split] (N, 4)."""
+               seed: int, progress: bool, max_cells: int = 0) -> dict:
+    """Linear and MLP probes per product; feats[split] (N, Z), targets_*[split] (N, 4).
+    ``max_cells`` > 0: fit on at most that many training cells (a seeded uniform draw)."""
     out: dict = {"linear": {}, "mlp": {}}
     for i, p in enumerate(L2_ORDER):
         mtr = np.isfinite(targets_t["train"][:, i])
+        if max_cells and mtr.sum() > max_cells:
+            keep = np.random.default_rng([seed, i]).choice(np.flatnonzero(mtr), max_cells,
+                                                           replace=False)
+            mtr = np.zeros_like(mtr)
+            mtr[keep] = True
         mva = np.isfinite(targets_t["val"][:, i])
         for kind in ("linear", "mlp"):
             if mtr.sum() < 10 or mva.sum() < 2:
@@ -321,7 +328,7 @@ def transform_one(transform, i: int, y: np.ndarray) -> np.ndarray:
 def evaluate(model_dir: str, shards: str, truth: str | None = None, batch_size: int = 32,
              max_pixels: int = 50000, probes: bool = True, ridge: bool = True,
              mlp_epochs: int = 100, seed: int = 0, device: str = "cpu",
-             progress: bool = True) -> tuple[dict, dict]:
+             progress: bool = True, max_cells: int = 200000) -> tuple[dict, dict]:
     """All metrics as a dict (see the module doc) and the plot samples."""
     import torch
     from tqdm import tqdm
@@ -436,11 +443,11 @@ def evaluate(model_dir: str, shards: str, truth: str | None = None, batch_size: 
     if probes:
         t0 = time.perf_counter()
         result["probes"] = run_probes(feats, targ_t, targ_p, transform, mlp_epochs, seed,
-                                      progress)
+                                      progress, max_cells)
         result["probes"]["protocol"] = (
             "latent means per cell -> pooled L2 in model space; fit on train cells where "
             "valid, scored on val cells; linear least squares; MLP 512-512 ReLU dropout 0.1, "
-            f"Adam 1e-3, batch 256, {mlp_epochs} epochs")
+            f"Adam 1e-3, batch 256, {mlp_epochs} epochs; at most {max_cells} training cells")
         result["seconds"]["probes"] = time.perf_counter() - t0
     if ridge:
         t0 = time.perf_counter()
@@ -553,6 +560,8 @@ def parse_args(argv=None):
     p.add_argument("--max-pixels", type=int, default=50000,
                    help="pixels per split for the ridge baseline (uniform per tile)")
     p.add_argument("--mlp-epochs", type=int, default=100, help="MLP probe epochs")
+    p.add_argument("--max-cells", type=int, default=200000,
+                   help="training cells the probes are fit on (a seeded uniform draw; 0: all)")
     p.add_argument("--no-probes", action="store_true", help="skip the probe protocol")
     p.add_argument("--no-ridge", action="store_true", help="skip the ridge baseline")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
@@ -569,7 +578,8 @@ def main(argv=None) -> int:
     try:
         result, plots = evaluate(args.model, args.shards, args.truth, args.batch_size,
                                  args.max_pixels, not args.no_probes, not args.no_ridge,
-                                 args.mlp_epochs, args.seed, args.device, not args.quiet)
+                                 args.mlp_epochs, args.seed, args.device, not args.quiet,
+                                 args.max_cells)
     except (EvaluateError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -207,15 +207,23 @@ def predict_granule(model, rad_path: str, l2_paths: dict | None = None, batch_si
         rad = np.pad(rad, ((0, pm), (0, px), (0, 0)), mode="reflect")
     starts = tile_starts(rad.shape[0], rad.shape[1], t)
     maxbad = float(pre.tile.get("max_bad_channel_fraction", 0.05))
-    tiles = np.empty((len(starts), rad.shape[2], t, t), np.float16)
     valid = np.zeros(rad.shape[:2], bool)
-    for i, (r0, c0) in enumerate(starts):
-        tiles[i], ok = normalise_tile(rad[r0:r0 + t, c0:c0 + t], pre.l1_mean, pre.l1_std, maxbad)
-        valid[r0:r0 + t, c0:c0 + t] = ok
     bar = tqdm(total=len(starts), desc=os.path.basename(rad_path)[:40], unit="tile",
                disable=not progress, file=sys.stderr, leave=False)
-    pred_t, mean_t = predict_tiles(model, tiles, batch_size, device, autocast_dtype, bar)
+    preds, means = [], []
+    tiles = np.empty((min(batch_size, len(starts)), rad.shape[2], t, t), np.float16)
+    for b0 in range(0, len(starts), batch_size):  # one batch of tiles in memory at a time
+        chunk = starts[b0:b0 + batch_size]
+        for i, (r0, c0) in enumerate(chunk):
+            tiles[i], ok = normalise_tile(rad[r0:r0 + t, c0:c0 + t], pre.l1_mean, pre.l1_std,
+                                          maxbad)
+            valid[r0:r0 + t, c0:c0 + t] = ok
+        p_, z_ = predict_tiles(model, tiles[:len(chunk)], batch_size, device, autocast_dtype,
+                               bar)
+        preds.append(p_)
+        means.append(z_)
     bar.close()
+    pred_t, mean_t = np.concatenate(preds), np.concatenate(means)
     z = mean_t.shape[1]
     pred = np.full((4,) + rad.shape[:2], np.nan, np.float32)
     latent = np.full((z,) + rad.shape[:2], np.nan, np.float32)
