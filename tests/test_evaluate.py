@@ -58,6 +58,14 @@ def test_head_cell_metrics_equal_the_trainers_validation(trained, train_shards, 
     assert set(plots) >= {"head vs L2 (cells)", "L2 vs truth (pixels)", "ridge vs L2 (pixels)"}
 
 
+def test_a_run_folder_is_evaluated_like_its_export(trained, train_shards):
+    run, model = trained
+    a, _ = evaluate(run, train_shards, probes=False, ridge=False, progress=False)
+    b, _ = evaluate(model, train_shards, probes=False, ridge=False, progress=False)
+    assert a["step"] == b["step"] == 6
+    assert a["head"] == b["head"] and a["recon_mae"] == b["recon_mae"]
+
+
 def test_probes_recover_a_linear_and_a_nonlinear_target():
     g = np.random.default_rng(0)
     x = g.normal(size=(1500, 8))

@@ -261,6 +261,24 @@ def test_granule_not_a_multiple_of_the_tile_is_covered_completely(model_dir, odd
     assert np.isfinite(res["pred"][:, res["valid"]]).all()
 
 
+def test_granule_without_l2_files(model_dir, odd_granules, tmp_path):
+    from train.predict import write_netcdf, write_quicklook
+
+    model = load_pretrained(model_dir)
+    (g,) = granule_files(odd_granules + "/a").values()
+    res = predict_granule(model, g.rad)  # RAD only
+    assert res["l2_present"] == [] and np.isnan(res["l2"]).all()
+    with_l2 = predict_granule(model, g.rad, g.l2)
+    np.testing.assert_array_equal(res["pred"], with_l2["pred"])  # L2 only shown, never used
+    nc = str(tmp_path / "x.nc")
+    write_netcdf(nc, res, model.pretrained, "x")
+    write_quicklook(str(tmp_path / "x.png"), res, "x")
+    with netCDF4.Dataset(nc) as ds:
+        assert "NO2" in ds.variables and "NO2_L2" not in ds.variables
+        assert ds.input_files == os.path.basename(g.rad)
+    assert os.path.getsize(str(tmp_path / "x.png")) > 1000
+
+
 def test_predict_cli_writes_cf_netcdf_and_png(model_dir, odd_granules, tmp_path):
     import xarray as xr
 

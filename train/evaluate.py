@@ -325,6 +325,22 @@ def transform_one(transform, i: int, y: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- main pass
 
 
+def export_to_temp(source: str, shards: str) -> str:
+    """A run or checkpoint folder (any kind) exported into a temporary model folder; the
+    normalisation stats come from the run's data.shards, else from ``shards``."""
+    import tempfile
+
+    from train.export import ExportError, export
+
+    out = os.path.join(tempfile.mkdtemp(prefix="tempo_vae_eval_"), "model")
+    try:
+        return export(source, out)
+    except ExportError as e:
+        if "stats.json not found" not in str(e):
+            raise
+        return export(source, out, shards=shards)
+
+
 def evaluate(model_dir: str, shards: str, truth: str | None = None, batch_size: int = 32,
              max_pixels: int = 50000, probes: bool = True, ridge: bool = True,
              mlp_epochs: int = 100, seed: int = 0, device: str = "cpu",
@@ -337,6 +353,8 @@ def evaluate(model_dir: str, shards: str, truth: str | None = None, batch_size: 
     from train.metrics import ValMetrics
     from train.model import load_pretrained
 
+    if not os.path.exists(os.path.join(model_dir, "export.json")):
+        model_dir = export_to_temp(model_dir, shards)
     model = load_pretrained(model_dir, device)
     pre = model.pretrained
     sizes = check_shards(model, shards)
@@ -550,7 +568,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.evaluate",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="model folder written by python -m train.export")
+    p.add_argument("model", help="model folder written by python -m train.export, or a run "
+                                 "or checkpoint folder (exported on the fly)")
     p.add_argument("shards", help="shard folder (data_prep.make_shards) normalised with the "
                                   "model's stats")
     p.add_argument("--truth", default=None,
