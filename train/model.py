@@ -227,3 +227,28 @@ def build_model(cfg, loss_cfg=None) -> TempoVAE:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_pretrained(path: str, device: str | torch.device = "cpu",
+                    verify: bool = True) -> TempoVAE:
+    """A model folder written by ``python -m train.export``, ready for inference.
+
+    Returns the TempoVAE in eval mode, fp32, on ``device``, with ``model.pretrained``
+    (``train.export.PretrainedInfo``): radiance normalisation (``l1_mean``, ``l1_std``),
+    the L2 transforms (``transform.inverse``: head output -> physical units), the tile and
+    read options of the training shards and the export metadata. Needs neither DeepSpeed
+    nor the run folder. ``verify`` checks the weights' SHA-256 against export.json.
+
+    Raises ``train.export.ExportError`` naming the file for a missing or damaged file or
+    stats that do not match the model's channel count.
+    """
+    from train.export import ExportError, read_model_folder
+
+    pre, state = read_model_folder(path, verify)
+    model = build_model(pre.cfg.model, pre.cfg.loss)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{path}: weights do not fit its config.yaml ({e})") from None
+    model.pretrained = pre
+    return model.to(device).eval()
