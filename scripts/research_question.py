@@ -22,6 +22,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -87,42 +88,71 @@ def parse_args(argv=None):
     p.add_argument("--tile-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--mlp-epochs", type=int, default=100, help="MLP probe epochs")
+    p.add_argument("--xsec-dir", default=None, help="real cross-sections for the synthesis "
+                                                    "(data_prep.synthesize --xsec-dir)")
     p.add_argument("overrides", nargs="*", help="section.key=value for both runs")
     return p.parse_intermixed_args(argv)
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
+def pipeline(out: str, config: str, steps: int, granules: int, mirror_steps: int, xtrack: int,
+             channels: int, tile_size: int, seed: int, mlp_epochs: int, overrides: list[str],
+             xsec_dir: str | None = None, val_fraction: float | None = None,
+             max_samples_per_shard: int = 24, eval_args: tuple = ()
+             ) -> tuple[dict, dict, list]:
+    """Synthesize (reused when OUT/data/shards exists) -> shards -> train supervised and
+    unsupervised -> export -> evaluate. Returns ({"supervised"|"unsupervised":
+    evaluation.json}, {phase: wall seconds}, the supervised L2 weights)."""
     py = sys.executable
-    out = os.path.abspath(a.out)
-    granules, shards = os.path.join(out, "data", "granules"), os.path.join(out, "data", "shards")
+    out = os.path.abspath(out)
+    granules_dir = os.path.join(out, "data", "granules")
+    shards = os.path.join(out, "data", "shards")
+    seconds: dict = {}
     if not os.path.exists(os.path.join(shards, "sizes.json")):
-        run([py, "-m", "data_prep.synthesize", granules, "--granules", str(a.granules),
-             "--mirror-steps", str(a.mirror_steps), "--xtrack", str(a.xtrack), "--channels",
-             str(a.channels), "--seed", str(a.seed)])
-        run([py, "-m", "data_prep.make_shards", granules, shards, "--tile-size",
-             str(a.tile_size), "--max-samples-per-shard", "24", "--quiet"])
+        t0 = time.perf_counter()
+        run([py, "-m", "data_prep.synthesize", granules_dir, "--granules", str(granules),
+             "--mirror-steps", str(mirror_steps), "--xtrack", str(xtrack), "--channels",
+             str(channels), "--seed", str(seed)]
+            + (["--xsec-dir", xsec_dir] if xsec_dir else []))
+        seconds["synthesize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run([py, "-m", "data_prep.make_shards", granules_dir, shards, "--tile-size",
+             str(tile_size), "--max-samples-per-shard", str(max_samples_per_shard), "--quiet"]
+            + (["--val-fraction", str(val_fraction)] if val_fraction is not None else []))
+        seconds["make_shards"] = time.perf_counter() - t0
     from train.config import load_config
 
-    weights = load_config(a.config, a.overrides).loss.l2_weights
+    weights = load_config(config, overrides).loss.l2_weights
     if not any(w > 0 for w in weights):
-        sys.exit(f"error: {a.config} has loss.l2_weights={weights}: nothing to compare; give a "
+        sys.exit(f"error: {config} has loss.l2_weights={weights}: nothing to compare; give a "
                  "supervised config")
     results = {}
     for name, w in (("supervised", weights), ("unsupervised", [0.0] * len(weights))):
         run_dir = os.path.join(out, name)
-        run([py, "train/main.py", "--config", a.config, f"data.shards={shards}",
-             f"train.output_dir={run_dir}", f"train.steps={a.steps}", f"train.seed={a.seed}",
-             f"data.seed={a.seed}", f"model.in_channels={a.channels}",
-             f"model.tile_size={a.tile_size}", "train.progress=false",
-             f"loss.l2_weights=[{','.join(str(x) for x in w)}]", *a.overrides])
+        t0 = time.perf_counter()
+        run([py, "train/main.py", "--config", config, f"data.shards={shards}",
+             f"train.output_dir={run_dir}", f"train.steps={steps}", f"train.seed={seed}",
+             f"data.seed={seed}", f"model.in_channels={channels}",
+             f"model.tile_size={tile_size}", "train.progress=false",
+             f"loss.l2_weights=[{','.join(str(x) for x in w)}]", *overrides])
+        seconds[f"train_{name}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         model = os.path.join(run_dir, "model")
         run([py, "-m", "train.export", run_dir, model, "--overwrite"])
         ev = os.path.join(run_dir, "eval")
         run([py, "-m", "train.evaluate", model, shards, "--truth",
-             os.path.join(granules, "truth"), "--out", ev, "--quiet", "--mlp-epochs",
-             str(a.mlp_epochs)])
+             os.path.join(granules_dir, "truth"), "--out", ev, "--quiet", "--mlp-epochs",
+             str(mlp_epochs), *eval_args])
+        seconds[f"evaluate_{name}"] = time.perf_counter() - t0
         results[name] = json.load(open(os.path.join(ev, "evaluation.json")))
+    return results, seconds, weights
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    results, _, weights = pipeline(a.out, a.config, a.steps, a.granules, a.mirror_steps,
+                                   a.xtrack, a.channels, a.tile_size, a.seed, a.mlp_epochs,
+                                   a.overrides, a.xsec_dir)
+    out = os.path.abspath(a.out)
     table, numbers = compare(results["supervised"], results["unsupervised"])
     head = (f"L2-supervised (loss.l2_weights={weights}) vs unsupervised, {a.steps} steps "
             f"each, same data ({results['supervised']['tiles']['train']} train / "

@@ -69,17 +69,33 @@ class ModelConfig:
     head_hidden: list[int] = F([512, 512], "L2 head hidden widths (1x1 convolutions)")
     head_outputs: int = F(4, "L2 products predicted (NO2, O3TOT, HCHO, CLDO4)")
     tile_size: int = F(64, "input tile height/width (for FLOP counting and checks)")
+    geometry: str = F("none", "viewing geometry from the samples' geo member (cos SZA, cos VZA, "
+                              "2/geometric air-mass factor): 'encoder' (extra input "
+                              "channels), 'head' (appended to the head's input per latent "
+                              "cell), 'both', or 'none' (the research model)")
 
 
 @dataclass
 class LossConfig:
     recon: str = F("l1", "reconstruction loss: l1 | l2")
+    recon_reduction: str = F("sum", "'sum': the VAE terms summed over a tile's C x H x W "
+                                    "elements (the research objective); 'mean': divided by "
+                                    "C x H x W, a per-element likelihood on the scale of the "
+                                    "L2 terms (see train/losses.py)")
     logvar_init: float = F(6.0, "initial learned log-variance of the reconstruction (0 fixes "
                                 "nothing; see learn_logvar)")
     learn_logvar: bool = F(True, "learn the scalar reconstruction log-variance")
     kl_weight: float = F(1e-6, "weight of the KL term")
     l2_weights: list[float] = F([0.1, 0.1, 0.1, 0.1], "weight per product (NO2, O3TOT, HCHO, "
                                                       "CLDO4); all 0: unsupervised")
+    l2_share: float = F(0.0, "0: the L2 terms weigh l2_weights as they are. In (0, 1): all L2 "
+                             "terms are also multiplied by one factor, re-set every "
+                             "l2_share_every steps, that makes the supervision this share of "
+                             "the gradient entering the encoder (norm of the L2 part / sum "
+                             "of the norms of the VAE and L2 parts, at the encoder output); "
+                             "l2_weights then only set the products' relative weights. Not "
+                             "under ZeRO-3")
+    l2_share_every: int = F(10, "steps between re-settings of the L2 factor (loss.l2_share)")
     l2_min_valid_fraction: float = F(0.5, "a latent cell gets a target if at least this "
                                           "fraction of its pixels is valid")
 
@@ -95,6 +111,12 @@ class OptimConfig:
     schedule: str = F("cosine", "cosine | constant")
     grad_clip: float = F(1.0, "gradient norm clip (0: off); under DeepSpeed its "
                               "gradient_clipping")
+    clip_logvar: bool = F(False, "include the scalar reconstruction log-variance in the "
+                                 "clipped gradient norm. false: it is left out (with 'sum' "
+                                 "reduction its gradient, one term per tile element, would "
+                                 "otherwise be nearly all of the norm and shrink every "
+                                 "update); Adam normalises its step on its own. DeepSpeed "
+                                 "clips every parameter together whatever this says")
     grad_accum: int = F(1, "micro-batches per optimizer step")
 
 
@@ -118,6 +140,9 @@ class TrainConfig:
     collective_timeout_s: int = F(1800, "a rank that stops answering (hung I/O, a lost node) "
                                         "fails the job after this many seconds")
     progress: bool = F(True, "progress bar on the main process")
+    grad_shares: bool = F(True, "at log steps, log each loss term's share of the gradient "
+                                "entering the encoder (grad_share/<term>; one extra backward "
+                                "through decoder and head per term; not under ZeRO-3)")
 
 
 @dataclass
@@ -253,7 +278,13 @@ def validate(cfg: Config) -> None:
              f"level {i} width {w} is not divisible by model.norm_groups={cfg.model.norm_groups}")
     need(cfg.model.tile_size % 2 ** (len(cfg.model.channels) - 1) == 0, "model.tile_size",
          f"must be divisible by 2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)}")
+    need(cfg.model.geometry in ("none", "encoder", "head", "both"), "model.geometry",
+         "must be none, encoder, head or both")
     need(cfg.loss.recon in ("l1", "l2"), "loss.recon", "must be l1 or l2")
+    need(cfg.loss.recon_reduction in ("sum", "mean"), "loss.recon_reduction",
+         "must be sum or mean")
+    need(0.0 <= cfg.loss.l2_share < 1.0, "loss.l2_share", "must be in [0, 1)")
+    need(cfg.loss.l2_share_every >= 1, "loss.l2_share_every", "must be >= 1")
     need(len(cfg.loss.l2_weights) == cfg.model.head_outputs, "loss.l2_weights",
          f"needs {cfg.model.head_outputs} entries (one per product)")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs two numbers")

@@ -285,16 +285,38 @@ def run_probes(feats: dict, targets_t: dict, targets_p: dict, transform, mlp_epo
     return out
 
 
-def run_ridge(pix: dict, transform, seed: int) -> tuple[dict, dict]:
-    """Ridge per product from spectrum + geometry; returns (metrics, {product: pairs})."""
+def cell_features(l1: np.ndarray, geo: np.ndarray, f: int) -> np.ndarray:
+    """Ridge features averaged over each f x f latent cell of one tile: (C, H, W) spectrum
+    and (4, H, W) geo -> (H/f * W/f, C + 3), rows in the order of the cells (row-major).
+    A cell with a pixel of invalid geolocation gets non-finite features."""
+    c, h, w = l1.shape
+    feats = np.concatenate([l1.astype(np.float32),
+                            geometry_features(geo.transpose(1, 2, 0)).transpose(2, 0, 1)
+                            .astype(np.float32)])
+    k = feats.shape[0]
+    blocks = feats.reshape(k, h // f, f, w // f, f).mean(axis=(2, 4))
+    return blocks.reshape(k, -1).T
+
+
+def run_ridge(pix: dict, transform, seed: int, cells: dict | None = None
+              ) -> tuple[dict, dict]:
+    """Ridge per product from spectrum + geometry; returns (metrics, {product: pairs}).
+    Pixels with non-finite features (invalid geolocation) are left out of fit and score.
+
+    ``cells`` ({"x": (N, C + 3) cell-mean features, "truth": (N, 4) truth per cell}, from
+    :func:`cell_features`): the fitted ridge is also applied to each validation cell's mean
+    features (a linear model's mean prediction over the cell, in model space), inverted to
+    physical units and scored against the cell's truth: ``metrics[P]["truth_cell"]``, the
+    level at which the head is scored against the truth."""
     from sklearn.linear_model import RidgeCV
 
     out, pairs = {}, {}
     xtr_all = pix["train"]["x"]
+    ftr, fva = np.isfinite(xtr_all).all(1), np.isfinite(pix["val"]["x"]).all(1)
     for i, p in enumerate(L2_ORDER):
         ytr_p = pix["train"]["y"][:, i]
-        mtr = np.isfinite(ytr_p)
-        mva = np.isfinite(pix["val"]["y"][:, i])
+        mtr = np.isfinite(ytr_p) & ftr
+        mva = np.isfinite(pix["val"]["y"][:, i]) & fva
         if mtr.sum() < 10 or mva.sum() < 2:
             out[p] = {"n_train": int(mtr.sum()), "n": int(mva.sum()), "r2": math.nan,
                       "rmse": math.nan, "bias": math.nan, "alpha": math.nan}
@@ -309,6 +331,15 @@ def run_ridge(pix: dict, transform, seed: int) -> tuple[dict, dict]:
         out[p] = {"n_train": int(mtr.sum()), "n": int(mva.sum()), "r2": r2_score(y, phys),
                   "rmse": float(np.sqrt((e * e).mean())), "bias": float(e.mean()),
                   "alpha": float(model.alpha_)}
+        if cells is not None:
+            ok = np.isfinite(cells["x"]).all(1) & np.isfinite(cells["truth"][:, i])
+            yc = cells["truth"][ok, i]
+            pc = _inverse_one(transform, i, model.predict((cells["x"][ok] - mu) / sd))
+            ec = pc - yc
+            out[p]["truth_cell"] = {"n": int(ok.sum()), "r2": r2_score(yc, pc),
+                                    "rmse": float(np.sqrt((ec * ec).mean())) if ok.any()
+                                    else math.nan,
+                                    "bias": float(ec.mean()) if ok.any() else math.nan}
         pairs[p] = np.stack([y, phys], 1)
     return out, pairs
 
@@ -375,13 +406,15 @@ def evaluate(model_dir: str, shards: str, truth: str | None = None, batch_size: 
     targ_t: dict = {"train": [], "val": []}
     targ_p: dict = {"train": [], "val": []}
     pix: dict = {s: {"x": [], "y": []} for s in ("train", "val")}
+    cells: dict = {"x": [], "truth": []}  # validation cells, for ridge vs truth
     splits = ["val"] + (["train"] if (probes or ridge) else [])
 
     def flush(split, batch):
         x = torch.from_numpy(np.stack([b["l1"] for b in batch])).to(device).float()
         l2 = torch.from_numpy(np.stack([b["l2"] for b in batch])).to(device)  # (B, 4, H, W)
+        geo = torch.from_numpy(np.stack([b["geo"] for b in batch])).to(device)  # (B, 4, H, W)
         with torch.inference_mode():
-            out = model(x, sample=False)
+            out = model(x, sample=False, geo=geo)
             pred = transform.inverse(out["l2_pred"].float())
             mean = out["mean"].float()
             if split == "val":
@@ -404,6 +437,10 @@ def evaluate(model_dir: str, shards: str, truth: str | None = None, batch_size: 
                 trc = nan_pool(torch.from_numpy(tr), f, 0.0).numpy()
                 sc["head_truth_cell"].update(trc, pred_np)
                 sc["l2_truth_pixel"].update(tr, l2_np)
+                if ridge:  # cell-mean features: a linear model's mean over the cell's pixels
+                    cells["x"].append(np.concatenate([cell_features(b["l1"], b["geo"], f)
+                                                      for b in batch]))
+                    cells["truth"].append(trc.transpose(0, 2, 3, 1).reshape(-1, 4))
         if ridge:
             per_tile = max(1, math.ceil(max_pixels / max(1, n_tiles[split])))
             for b in batch:
@@ -471,7 +508,8 @@ def evaluate(model_dir: str, shards: str, truth: str | None = None, batch_size: 
         t0 = time.perf_counter()
         for s in pix:
             pix[s] = {"x": np.concatenate(pix[s]["x"]), "y": np.concatenate(pix[s]["y"])}
-        result["ridge"], ridge_pairs = run_ridge(pix, transform, seed)
+        cell_data = ({k: np.concatenate(v) for k, v in cells.items()} if cells["x"] else None)
+        result["ridge"], ridge_pairs = run_ridge(pix, transform, seed, cell_data)
         result["ridge"]["features"] = ("normalised spectrum (C) + cos SZA, cos VZA, "
                                        "1/cos SZA + 1/cos VZA; per pixel, at most "
                                        f"{max_pixels} pixels per split")
@@ -522,9 +560,12 @@ def markdown(r: dict) -> str:
                   "| product | method | level | n | RMSE | bias | R^2 |",
                   "|---|---|---|---|---|---|---|"]
         for p in L2_ORDER:
-            for name, level, m in (("head", "cell", r["head_vs_truth"]["cell"][p]),
-                                   ("head", "pixel", r["head_vs_truth"]["pixel"][p]),
-                                   ("operational L2", "pixel", r["l2_vs_truth"]["pixel"][p])):
+            rows = [("head", "cell", r["head_vs_truth"]["cell"][p]),
+                    ("head", "pixel", r["head_vs_truth"]["pixel"][p]),
+                    ("operational L2", "pixel", r["l2_vs_truth"]["pixel"][p])]
+            if "truth_cell" in r.get("ridge", {}).get(p, {}):
+                rows.append(("ridge (spectrum + geometry)", "cell", r["ridge"][p]["truth_cell"]))
+            for name, level, m in rows:
                 lines.append(f"| {p} | {name} | {level} | {_g(m['n'])} | {_g(m['rmse'])} | "
                              f"{_g(m['bias'])} | {_g(m['r2'])} |")
     lines += ["", "Units: " + ", ".join(f"{p} {u}" for p, u in UNITS.items()), ""]

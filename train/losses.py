@@ -8,6 +8,13 @@
             space pooled NaN-aware to the latent grid; exactly 0 when nothing is valid
 
 Padding samples (``valid=False``) contribute nothing to any term.
+
+``loss.recon_reduction`` = 'mean' divides the VAE part (nll + kl_weight x kl) by the elements
+of a tile, C x H x W: a per-element likelihood, so the L2 weights are relative to a
+reconstruction of order 1 whatever the tile size and channel count, and the scalar
+log-variance's gradient is a mean (order 1) instead of a sum over ~1e5-1e6 elements. 'sum'
+is the research code's objective. The balance between VAE and L2 in the ratio of the
+weights is otherwise the same: 'mean' equals 'sum' with every L2 weight x C x H x W.
 """
 
 from __future__ import annotations
@@ -35,12 +42,37 @@ def nan_pool(x: torch.Tensor, factor: int, min_valid_fraction: float) -> torch.T
     return torch.where(keep, mean, torch.full_like(mean, float("nan")))
 
 
+def encoder_gradient_shares(contributions: dict[str, torch.Tensor],
+                            moments: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each loss term's share of the gradient that enters the encoder.
+
+    contributions: {name: weighted scalar term} that add up to the loss (``VAELoss.
+    contributions``); moments: the encoder output (B, 2Z, h, w) (``out["moments"]``), through
+    which every term's gradient reaches the encoder parameters (the decoder and head sit
+    after it). Returns {name: ||d term / d moments|| / sum over terms of the same norm}
+    (shares in [0, 1] adding up to 1) and {"norm/" + name: the norm}, detached fp32. Costs
+    one extra backward through the decoder and head per term (the graph is kept)."""
+    norms = {}
+    for name, term in contributions.items():
+        g = None
+        if term.requires_grad:
+            (g,) = torch.autograd.grad(term, moments, retain_graph=True, allow_unused=True)
+        norms[name] = (g.detach().float().norm() if g is not None
+                       else torch.zeros((), device=moments.device))
+    total = torch.stack(list(norms.values())).sum().clamp(min=1e-30)
+    out = {name: n / total for name, n in norms.items()}
+    out.update({f"norm/{name}": n for name, n in norms.items()})
+    return out
+
+
 class VAELoss:
     """Owns the loss weights; ``__call__`` returns a dict of named fp32 terms and 'loss'."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.l2_weights = [float(w) for w in cfg.l2_weights]
+        # multiplier of every L2 term: 1, or set by ``rebalance`` (loss.l2_share > 0)
+        self.l2_balance = 1.0
 
     @property
     def supervised(self) -> bool:
@@ -65,7 +97,8 @@ class VAELoss:
             "recon_" + self.cfg.recon: (per_sample * w).sum() / (n_valid * n_el),
             "rec_logvar": s.detach(),
         }
-        loss = nll + self.cfg.kl_weight * kl
+        scale = 1.0 / n_el if self.cfg.recon_reduction == "mean" else 1.0
+        loss = scale * (nll + self.cfg.kl_weight * kl)
         if "l2_pred" in out:
             pred = out["l2_pred"].float()  # (B, 4, h, w)
             factor = l2_t.shape[-1] // pred.shape[-1]
@@ -77,9 +110,55 @@ class VAELoss:
             for i, p in enumerate(L2_ORDER):
                 terms[f"l2/{p}"] = per_product[i]
                 terms[f"l2/{p}_valid_cells"] = count[i].float()
-                loss = loss + self.l2_weights[i] * per_product[i]
+                loss = loss + self.l2_balance * self.l2_weights[i] * per_product[i]
         terms["loss"] = loss
         return terms
+
+
+    def contributions(self, terms: dict[str, torch.Tensor], n_elements: int
+                      ) -> dict[str, torch.Tensor]:
+        """The weighted terms of ``__call__``'s result that add up to 'loss': reconstruction
+        (nll), kl and l2/<P> for every product with a non-zero weight. ``n_elements``: the
+        elements C x H x W of one input tile."""
+        scale = 1.0 / n_elements if self.cfg.recon_reduction == "mean" else 1.0
+        parts = {"reconstruction": scale * terms["nll"],
+                 "kl": scale * self.cfg.kl_weight * terms["kl"]}
+        for i, p in enumerate(L2_ORDER):
+            if f"l2/{p}" in terms and self.l2_weights[i] != 0:
+                parts[f"l2/{p}"] = self.l2_balance * self.l2_weights[i] * terms[f"l2/{p}"]
+        return parts
+
+    def supervision_norms(self, terms: dict[str, torch.Tensor], n_elements: int,
+                          moments: torch.Tensor) -> torch.Tensor:
+        """(2,) fp32: the norms of the gradient at the encoder output ``moments`` of the VAE
+        part (reconstruction + kl) and of the L2 part at l2_balance = 1 (sum over products of
+        weight x term). The graph is kept."""
+        parts = self.contributions(terms, n_elements)
+        vae = parts["reconstruction"] + parts["kl"]
+        l2 = sum(v for k, v in parts.items() if k.startswith("l2/")) / self.l2_balance
+        norms = []
+        for term in (vae, l2):
+            g = None
+            if isinstance(term, torch.Tensor) and term.requires_grad:
+                (g,) = torch.autograd.grad(term, moments, retain_graph=True, allow_unused=True)
+            norms.append(g.detach().float().norm() if g is not None
+                         else torch.zeros((), device=moments.device))
+        return torch.stack(norms)
+
+    def rebalance(self, norms: torch.Tensor, share: float) -> float:
+        """Set l2_balance so that the L2 part is ``share`` of the summed gradient norms at the
+        encoder output: lambda = share / (1 - share) x |g_vae| / |g_l2|, from
+        ``supervision_norms`` (averaged over ranks by the caller), clamped to [1e-6, 1e9];
+        unchanged when either norm is 0 or not finite. Returns the new value."""
+        vae, l2 = (float(v) for v in norms)
+        if vae > 0 and l2 > 0 and all(map(torch.isfinite, norms)):
+            lam = share / (1.0 - share) * vae / l2
+            self.l2_balance = min(max(lam, 1e-6), 1e9)
+        return self.l2_balance
+
+    def total(self, terms: dict[str, torch.Tensor], n_elements: int) -> torch.Tensor:
+        """The loss from the terms with the current l2_balance."""
+        return sum(self.contributions(terms, n_elements).values())
 
 
 def build_loss(cfg) -> VAELoss:

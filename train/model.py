@@ -6,6 +6,13 @@ spatial size is in ``attn_resolutions``) and a stride-2 downsample between level
 1x1 quant conv. The decoder mirrors it (nearest upsample + conv). The L2 head is a stack of
 1x1 convolutions on the latent grid fed the same latent sample that is decoded.
 
+Viewing geometry (``model.geometry``): the shards' ``geo`` member (latitude, longitude,
+solar and viewing zenith angle per pixel) becomes GEOMETRY_FEATURES (cos SZA, cos VZA and
+2 / geometric air-mass factor, each in (0, 1]), fed as extra input channels of the encoder
+('encoder'), averaged over each latent cell and appended to the head's input ('head'), or
+both ('both'). 'none' (the research model) ignores it. The decoder reconstructs the
+spectrum only.
+
 Everything the loss needs, including the learned reconstruction log-variance, comes out
 of ``forward``: under ZeRO-3 parameters are only whole inside the forward pass.
 """
@@ -17,6 +24,27 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
+GEOMETRY_FEATURES = ("cos_sza", "cos_vza", "inverse_geometric_amf")
+GEOMETRY_MODES = ("none", "encoder", "head", "both")
+MIN_COS = 0.05  # zenith angles beyond ~87 degrees count as 87 (as train.evaluate's ridge)
+
+
+def geometry_features(geo: torch.Tensor) -> torch.Tensor:
+    """Viewing-geometry features from the shards' geo member.
+
+    geo: (B, 4, H, W) latitude, longitude, solar zenith angle, viewing zenith angle
+    (degrees; the order of ``data_prep.samples.GEO_ORDER``). Returns (B, 3, H, W) float32:
+    cos SZA, cos VZA and 2 / (1/cos SZA + 1/cos VZA), the inverse of the geometric air-mass
+    factor scaled to 1 at nadir with the sun overhead; cosines clipped below at 0.05. A
+    pixel with invalid geolocation (non-finite angles) gets 0 for all three."""
+    if geo.ndim != 4 or geo.shape[1] != 4:
+        raise ValueError(f"geo must be (B, 4, H, W) [lat, lon, sza, vza], got {tuple(geo.shape)}")
+    ang = torch.deg2rad(geo[:, 2:4].float())
+    cos = torch.cos(ang).clamp(min=MIN_COS)
+    inv_amf = 2.0 / (1.0 / cos[:, :1] + 1.0 / cos[:, 1:])
+    feats = torch.cat([cos, inv_amf], 1)
+    ok = torch.isfinite(ang).all(1, keepdim=True)
+    return torch.where(ok, feats, torch.zeros_like(feats))
 
 
 class ResnetBlock(nn.Module):
@@ -102,10 +130,10 @@ def _levels(widths: list[int], size: int, cfg, resample, factor: float):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, extra_in: int = 0):
         super().__init__()
         ch = cfg.channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + extra_in, ch[0], 3, padding=1)
         self.down, cin = _levels(ch, cfg.tile_size, cfg, Downsample, 0.5)
         self.mid = _mid(cin, cfg)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cin, eps=cfg.norm_eps)
@@ -168,10 +196,10 @@ class DiagonalGaussian:
 class L2Head(nn.Module):
     """1x1-conv MLP on the latent grid: latent -> hidden... -> products."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, extra_in: int = 0):
         super().__init__()
         layers: list[nn.Module] = []
-        cin = cfg.latent_channels
+        cin = cfg.latent_channels + extra_in
         for h in cfg.head_hidden:
             layers += [nn.Conv2d(cin, h, 1), ACTIVATIONS[cfg.activation]()]
             cin = h
@@ -186,32 +214,78 @@ class TempoVAE(nn.Module):
     def __init__(self, cfg, logvar_init: float = 6.0, learn_logvar: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        mode = getattr(cfg, "geometry", "none")
+        if mode not in GEOMETRY_MODES:
+            raise ValueError(f"model.geometry={mode!r}: must be one of {GEOMETRY_MODES}")
+        self.geometry_in_encoder = mode in ("encoder", "both")
+        self.geometry_in_head = mode in ("head", "both")
+        self.latent_factor = 2 ** (len(cfg.channels) - 1)
+        n_geo = len(GEOMETRY_FEATURES)
+        self.encoder = Encoder(cfg, n_geo if self.geometry_in_encoder else 0)
         self.decoder = Decoder(cfg)
         zc = 2 * cfg.latent_channels if cfg.double_z else cfg.latent_channels
         self.quant_conv = nn.Conv2d(zc, zc, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
-        self.head = L2Head(cfg)
+        self.head = L2Head(cfg, n_geo if self.geometry_in_head else 0)
         # shape (1,), not a 0-dim scalar: DeepSpeed cannot flatten 0-dim bf16 parameters
         self.logvar = nn.Parameter(torch.full((1,), float(logvar_init)),
                                    requires_grad=learn_logvar)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    @property
+    def uses_geometry(self) -> bool:
+        return self.geometry_in_encoder or self.geometry_in_head
+
+    def _geometry(self, x: torch.Tensor, geo: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.uses_geometry:
+            return None
+        if geo is None:
+            raise ValueError(f"model.geometry={self.cfg.geometry!r}: forward needs geo, the "
+                             "(B, 4, H, W) geo member of the samples")
+        if geo.shape[0] != x.shape[0] or geo.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"geo {tuple(geo.shape)} does not match the tiles {tuple(x.shape)}")
+        return geometry_features(geo).to(x.dtype)
+
+    def encode(self, x: torch.Tensor, geo: torch.Tensor | None = None) -> DiagonalGaussian:
+        """q(z|x); ``geo`` (B, 4, H, W) is required when model.geometry feeds the encoder."""
+        g = self._geometry(x, geo)
+        if self.geometry_in_encoder:
+            x = torch.cat([x, g], 1)
         moments = self.quant_conv(self.encoder(x))
+        return self._posterior(moments)
+
+    def _posterior(self, moments: torch.Tensor) -> DiagonalGaussian:
         if not self.cfg.double_z:
             return DiagonalGaussian(torch.cat([moments, moments], 1), 0, 0, deterministic=True)
         return DiagonalGaussian(moments, self.cfg.logvar_min, self.cfg.logvar_max)
+
+    def predict_l2(self, z: torch.Tensor, geo_features: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Head output (B, 4, h, w) in model space from latents (and, with geometry in the
+        head, the (B, 3, H, W) geometry features, averaged over each latent cell)."""
+        if self.geometry_in_head:
+            f = self.latent_factor
+            z = torch.cat([z, F.avg_pool2d(geo_features, f) if f > 1 else geo_features], 1)
+        return self.head(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> dict:
-        post = self.encode(x)
+                generator: torch.Generator | None = None,
+                geo: torch.Tensor | None = None) -> dict:
+        """x (B, C, H, W) normalised radiance; geo (B, 4, H, W) the samples' geo member,
+        required when model.geometry is not 'none' (ValueError otherwise). ``moments`` is
+        the encoder's output (B, 2Z, h, w), the tensor every term's gradient enters the
+        encoder through (see train.losses.encoder_gradient_shares)."""
+        g = self._geometry(x, geo)
+        xin = torch.cat([x, g], 1) if self.geometry_in_encoder else x
+        moments = self.quant_conv(self.encoder(xin))
+        post = self._posterior(moments)
         z = post.sample(generator) if sample else post.mode()
         return {
             "recon": self.decode(z),  # (B, C, H, W)
-            "l2_pred": self.head(z),  # (B, 4, h, w) on the latent grid, same z as decoded
+            "l2_pred": self.predict_l2(z, g),  # (B, 4, h, w) latent grid, same z as decoded
+            "moments": moments,
             "mean": post.mean, "logvar": post.logvar,
             "kl": post.kl(),  # (B,)
             "rec_logvar": self.logvar[0] * torch.ones((), device=x.device),

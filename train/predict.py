@@ -111,8 +111,13 @@ def resolve_device(device: str, precision: str):
 
 
 def predict_tiles(model, tiles: np.ndarray, batch_size: int = 16, device=None,
-                  autocast_dtype=None, progress=None) -> tuple[np.ndarray, np.ndarray]:
+                  autocast_dtype=None, progress=None, geo: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Head predictions and latent means for (N, C, T, T) normalised tiles.
+
+    ``geo`` (N, 4, T, T) latitude, longitude, SZA, VZA in degrees (the shards' geo member)
+    is required by a model trained with viewing geometry (model.geometry not 'none');
+    ValueError otherwise.
 
     Returns (pred (N, 4, T/f, T/f) float32 physical units, order NO2, O3TOT, HCHO, CLDO4;
     mean (N, Z, T/f, T/f) float32 latent posterior means). Deterministic (``sample=False``)."""
@@ -120,14 +125,19 @@ def predict_tiles(model, tiles: np.ndarray, batch_size: int = 16, device=None,
 
     device = device or next(model.parameters()).device
     transform = model.pretrained.transform
+    if geo is None and getattr(model, "uses_geometry", False):
+        raise ValueError(f"the model uses viewing geometry (model.geometry="
+                         f"{model.cfg.geometry!r}): pass geo (N, 4, T, T)")
     preds, means = [], []
     with torch.inference_mode():
         for i in range(0, len(tiles), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(tiles[i:i + batch_size])).to(device)
             x = x.float()
+            g = (torch.from_numpy(np.ascontiguousarray(geo[i:i + batch_size])).to(device)
+                 if geo is not None else None)
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                out = model(x, sample=False)
+                out = model(x, sample=False, geo=g)
             preds.append(transform.inverse(out["l2_pred"].float()).cpu().numpy())
             means.append(out["mean"].float().cpu().numpy())
             if progress is not None:
@@ -205,6 +215,9 @@ def predict_granule(model, rad_path: str, l2_paths: dict | None = None, batch_si
         if (pm and m < 2) or (px and x < 2):
             raise PredictError(f"{rad_path}: a {m} x {x} grid is too small to predict")
         rad = np.pad(rad, ((0, pm), (0, px), (0, 0)), mode="reflect")
+    geo = np.stack([l1.latitude, l1.longitude, l1.sza, l1.vza]).astype(np.float32)  # (4, M, X)
+    if pm or px:
+        geo = np.pad(geo, ((0, 0), (0, pm), (0, px)), mode="reflect")
     starts = tile_starts(rad.shape[0], rad.shape[1], t)
     maxbad = float(pre.tile.get("max_bad_channel_fraction", 0.05))
     valid = np.zeros(rad.shape[:2], bool)
@@ -212,14 +225,16 @@ def predict_granule(model, rad_path: str, l2_paths: dict | None = None, batch_si
                disable=not progress, file=sys.stderr, leave=False)
     preds, means = [], []
     tiles = np.empty((min(batch_size, len(starts)), rad.shape[2], t, t), np.float16)
+    geo_tiles = np.empty((len(tiles), 4, t, t), np.float32)
     for b0 in range(0, len(starts), batch_size):  # one batch of tiles in memory at a time
         chunk = starts[b0:b0 + batch_size]
         for i, (r0, c0) in enumerate(chunk):
             tiles[i], ok = normalise_tile(rad[r0:r0 + t, c0:c0 + t], pre.l1_mean, pre.l1_std,
                                           maxbad)
             valid[r0:r0 + t, c0:c0 + t] = ok
+            geo_tiles[i] = geo[:, r0:r0 + t, c0:c0 + t]
         p_, z_ = predict_tiles(model, tiles[:len(chunk)], batch_size, device, autocast_dtype,
-                               bar)
+                               bar, geo_tiles[:len(chunk)])
         preds.append(p_)
         means.append(z_)
     bar.close()

@@ -64,9 +64,10 @@ def train_flops_per_sample(model_cfg) -> float:
     with torch.device("meta"):
         m = build_model(model_cfg)
         x = torch.empty(1, model_cfg.in_channels, model_cfg.tile_size, model_cfg.tile_size)
+        geo = torch.zeros(1, 4, model_cfg.tile_size, model_cfg.tile_size)
     counter = FlopCounterMode(display=False)
     with counter:
-        out = m(x, sample=False)
+        out = m(x, sample=False, geo=geo)
         (out["recon"].sum() + out["l2_pred"].sum()).backward()
     return float(counter.get_total_flops())
 
@@ -136,6 +137,18 @@ class Trainer:
                         f"ranks); set {key} to \"auto\" in the DeepSpeed JSON (the trainer "
                         f"fills it) or change {source.split(' ')[0]}")
                 ds[key] = value
+        # the scalar reconstruction log-variance is clipped apart unless optim.clip_logvar
+        self.clip_params = [p for n, p in self.model.named_parameters()
+                            if o.clip_logvar or n != "logvar"]
+        zero3 = self.deepspeed and acc.state.deepspeed_plugin.zero_stage == 3
+        self.grad_shares = cfg.train.grad_shares and not zero3
+        if cfg.loss.l2_share > 0 and zero3:
+            raise ConfigError("loss.l2_share > 0 measures gradients at the encoder output, "
+                              "which ZeRO-3 cannot do: set loss.l2_share=0 (fixed "
+                              "loss.l2_weights) or use ZeRO-1/2")
+        if cfg.train.grad_shares and zero3:
+            self._log("note: train.grad_shares is not computed under ZeRO-3 (partitioned "
+                      "parameters cannot be re-entered for a partial backward)")
         self.model, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
         self.in_dtype = torch.bfloat16 if (self.deepspeed and acc.mixed_precision == "bf16") \
             else torch.float32
@@ -147,6 +160,7 @@ class Trainer:
         self.samples_seen = 0
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
+        self._balance_due = True  # re-set the L2 factor (loss.l2_share) at the next step
         self._ckpt_bytes: int | None = None  # see _checkpoint_bytes
         self.last_val: dict = {}
         self.writer = None
@@ -160,13 +174,15 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen,
-                "skipped_steps": self.skipped_steps,
+                "skipped_steps": self.skipped_steps, "l2_balance": self.loss_fn.l2_balance,
                 "loader": self.train_loader.state_dict(), "last_val": self.last_val}
 
     def load_state_dict(self, d: dict) -> None:
         self.step = int(d["step"])
         self.samples_seen = int(d["samples_seen"])
         self.skipped_steps = int(d.get("skipped_steps", 0))
+        self.loss_fn.l2_balance = float(d.get("l2_balance", 1.0))
+        self._balance_due = self.step % self.cfg.loss.l2_share_every == 0
         self.train_loader.load_state_dict(d["loader"])
         self.last_val = d.get("last_val", {})
 
@@ -340,15 +356,30 @@ class Trainer:
     def _batch_to_device(self, batch):
         dev = self.acc.device
         x = batch["l1"].to(dev, non_blocking=True).to(self.in_dtype)
-        return x, batch["l2_t"].to(dev), batch["valid"].to(dev)
+        return x, batch["l2_t"].to(dev), batch["valid"].to(dev), batch["geo"].to(dev)
 
     def train_step(self, batch) -> dict | None:
         """One micro-batch; returns loss terms (floats) when an optimizer step completed."""
         acc, model = self.acc, self.model
-        x, l2_t, valid = self._batch_to_device(batch)
+        x, l2_t, valid, geo = self._batch_to_device(batch)
         with acc.accumulate(model):
-            out = model(x, generator=self.gen)
+            out = model(x, generator=self.gen, geo=geo)
             terms = self.loss_fn(out, x, l2_t, valid)
+            share = self.cfg.loss.l2_share
+            if share > 0 and self.loss_fn.supervised and self._balance_due:
+                norms = self.loss_fn.supervision_norms(terms, x[0].numel(), out["moments"])
+                if self.world > 1:
+                    norms = self.acc.reduce(norms, reduction="mean")
+                self.loss_fn.rebalance(norms, share)
+                terms["loss"] = self.loss_fn.total(terms, x[0].numel())
+                self._balance_due = False
+            if self.grad_shares and ((self.step + 1) % self.cfg.train.log_every == 0
+                                     or self.step == 0):
+                from train.losses import encoder_gradient_shares
+
+                parts = self.loss_fn.contributions(terms, x[0].numel())
+                shares = encoder_gradient_shares(parts, out["moments"])
+                terms.update({f"grad_share/{k}": v for k, v in shares.items()})
             bad_local = not bool(torch.isfinite(terms["loss"]))
             bad, stop = self._all_flags(bad_local)
             if bad:
@@ -361,7 +392,7 @@ class Trainer:
             grad_norm = None
             if acc.sync_gradients:
                 clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = acc.clip_grad_norm_(model.parameters(), clip)
+                grad_norm = acc.clip_grad_norm_(self.clip_params, clip)
                 if grad_norm is not None and not math.isfinite(float(grad_norm)):
                     # the global norm: every rank takes this branch. Under DeepSpeed the
                     # update is already dropped (ZeRO 1-3 skip a step whose gradient norm
@@ -372,6 +403,7 @@ class Trainer:
                     self.optimizer.zero_grad()
                     return {"_stop": stop}
             self.skipped_in_a_row = 0
+            self._balance_due = (self.step + 1) % self.cfg.loss.l2_share_every == 0
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
@@ -407,8 +439,8 @@ class Trainer:
         for i, batch in enumerate(self.val_loader):
             if self.cfg.train.val_batches and i >= self.cfg.train.val_batches:
                 break
-            x, _, valid = self._batch_to_device(batch)
-            out = model(x, sample=False)
+            x, _, valid, geo = self._batch_to_device(batch)
+            out = model(x, sample=False, geo=geo)
             pred = self.transform.inverse(out["l2_pred"].float())
             metrics.update(x.float(), out["recon"].float(), batch["l2"].to(self.acc.device),
                            pred, valid)
@@ -535,6 +567,7 @@ class Trainer:
                 for k, v in vals.items():
                     self.writer.add_scalar(f"train/{k}", v, self.step)
                 self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                self.writer.add_scalar("train/l2_balance", self.loss_fn.l2_balance, self.step)
                 self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
                 self.writer.add_scalar("perf/tiles_per_s", tiles_per_s, self.step)
                 self.writer.add_scalar("perf/data_wait_fraction", window["wait"] / max(dt, 1e-9),

@@ -1,0 +1,225 @@
+"""Loss balance, clipping and viewing geometry: the pieces that make the L2 supervision heard."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from data_prep.tempo import L2_ORDER, discover, find_files
+from train.config import LossConfig, ModelConfig, load_config
+from train.losses import VAELoss, encoder_gradient_shares
+from train.model import build_model, geometry_features
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "configs", "training", "benchmark.yaml")
+PARITY = os.path.join(ROOT, "configs", "training", "benchmark_research_parity.yaml")
+
+
+def tiny_model(geometry: str = "none") -> torch.nn.Module:
+    cfg = ModelConfig(in_channels=6, channels=[8, 8], latent_channels=4, head_hidden=[8],
+                      tile_size=8, attn_heads=2, geometry=geometry)
+    torch.manual_seed(0)
+    return build_model(cfg, LossConfig())
+
+
+def batch(b: int = 2, c: int = 6, t: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, t, t, generator=g)
+    l2 = torch.randn(b, 4, t, t, generator=g)
+    geo = torch.stack([torch.full((b, t, t), 40.0), torch.full((b, t, t), -100.0),
+                       torch.rand(b, t, t, generator=g) * 70, torch.rand(b, t, t, generator=g) * 60],
+                      1)
+    return x, l2, geo, torch.ones(b, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------- shares
+
+
+def test_gradient_shares_are_each_terms_norm_over_the_sum():
+    m = torch.randn(2, 3, 4, 4, requires_grad=True)
+    w = torch.randn(2, 3, 4, 4)
+    parts = {"a": (2 * m).sum(), "b": (m * w).sum(), "c": torch.zeros(())}
+    s = encoder_gradient_shares(parts, m)
+    na, nb = 2 * math.sqrt(m.numel()), float(w.norm())
+    assert float(s["a"]) == pytest.approx(na / (na + nb), rel=1e-5)
+    assert float(s["b"]) == pytest.approx(nb / (na + nb), rel=1e-5)
+    assert float(s["c"]) == 0.0 and float(s["norm/b"]) == pytest.approx(nb, rel=1e-5)
+    assert m.grad is None  # nothing accumulated into the leaves
+
+
+def test_mean_reduction_is_the_sum_objective_over_the_tile_elements():
+    model = tiny_model()
+    x, l2, _, valid = batch()
+    out = model(x, generator=torch.Generator().manual_seed(1))
+    n_el = x[0].numel()
+    w = [0.1, 0.2, 0.3, 0.4]
+    summed = VAELoss(LossConfig(recon_reduction="sum", l2_weights=[v * n_el for v in w]))
+    mean = VAELoss(LossConfig(recon_reduction="mean", l2_weights=w))
+    ts, tm = summed(out, x, l2, valid), mean(out, x, l2, valid)
+    assert float(tm["loss"].detach()) == pytest.approx(float(ts["loss"].detach()) / n_el, rel=1e-5)
+    assert float(tm["loss"]) == pytest.approx(float(mean.total(tm, n_el)), rel=1e-6)
+    # the scalar log-variance's gradient is a mean, not a sum over elements
+    gs, = torch.autograd.grad(ts["nll"], model.logvar, retain_graph=True)
+    gm, = torch.autograd.grad(mean.contributions(tm, n_el)["reconstruction"], model.logvar)
+    assert float(gm) == pytest.approx(float(gs) / n_el, rel=1e-4)
+
+
+def test_rebalance_gives_the_supervision_the_stated_share():
+    model = tiny_model("both")
+    x, l2, geo, valid = batch()
+    out = model(x, generator=torch.Generator().manual_seed(1), geo=geo)
+    loss = VAELoss(LossConfig(recon_reduction="mean", l2_weights=[1, 2, 0, 1], l2_share=0.3))
+    terms = loss(out, x, l2, valid)
+    n_el = x[0].numel()
+    lam = loss.rebalance(loss.supervision_norms(terms, n_el, out["moments"]), 0.3)
+    assert lam != 1.0
+    vae, l2n = (float(v) for v in loss.supervision_norms(terms, n_el, out["moments"]))
+    assert lam * l2n / (lam * l2n + vae) == pytest.approx(0.3, rel=1e-4)
+    # the loss now carries the factor on every L2 term, the VAE part unchanged
+    parts = loss.contributions(terms, n_el)
+    assert float(parts["l2/O3TOT"]) == pytest.approx(lam * 2 * float(terms["l2/O3TOT"]), rel=1e-6)
+    assert "l2/HCHO" not in parts
+    assert float(loss.total(terms, n_el)) == pytest.approx(
+        float(sum(parts.values())), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_geometry_features():
+    geo = torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 5.0, 60.0, 60.0],
+                        [0.0, 0.0, float("nan"), 10.0]]).T.reshape(1, 4, 3, 1)
+    f = geometry_features(geo)[0, :, :, 0]  # (3 features, 3 pixels)
+    assert torch.allclose(f[:, 0], torch.ones(3))
+    assert torch.allclose(f[:, 1], torch.tensor([0.5, 0.5, 0.5]), atol=1e-6)
+    assert torch.equal(f[:, 2], torch.zeros(3))  # invalid geolocation: all 0
+    with pytest.raises(ValueError, match="geo must be"):
+        geometry_features(torch.zeros(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("mode", ["encoder", "head", "both"])
+def test_geometry_reaches_the_head_output(mode):
+    model = tiny_model(mode).eval()
+    x, _, geo, _ = batch()
+    with pytest.raises(ValueError, match="needs geo"):
+        model(x, sample=False)
+    a = model(x, sample=False, geo=geo)
+    geo2 = geo.clone()
+    geo2[:, 2] += 20.0
+    b = model(x, sample=False, geo=geo2)
+    assert not torch.allclose(a["l2_pred"], b["l2_pred"])
+    # the encoder sees it only in 'encoder'/'both'
+    assert torch.equal(a["mean"], b["mean"]) == (mode == "head")
+    n_in = model.encoder.conv_in.in_channels
+    assert n_in == 6 + (3 if mode in ("encoder", "both") else 0)
+
+
+def test_research_model_ignores_geometry():
+    model = tiny_model("none").eval()
+    x, _, geo, _ = batch()
+    assert torch.equal(model(x, sample=False)["l2_pred"],
+                       model(x, sample=False, geo=geo)["l2_pred"])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_benchmark_configs_differ_only_in_the_objective():
+    new, parity = load_config(BENCH), load_config(PARITY)
+    assert parity.loss.recon_reduction == "sum" and parity.optim.grad_clip == 0
+    assert parity.model.geometry == "none" and parity.loss.l2_share == 0
+    assert parity.loss.l2_weights == [0.1] * 4
+    assert new.loss.recon_reduction == "mean" and not new.optim.clip_logvar
+    assert new.model.geometry != "none"
+    for section in ("data", "train"):
+        a, b = vars(getattr(new, section)).copy(), vars(getattr(parity, section)).copy()
+        a.pop("output_dir", None), b.pop("output_dir", None)
+        assert a == b, section
+    a, b = vars(new.model).copy(), vars(parity.model).copy()
+    a.pop("geometry"), b.pop("geometry")
+    assert a == b
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def env():
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    e.pop("CUDA_VISIBLE_DEVICES", None)
+    return e
+
+
+def test_training_with_geometry_balance_and_shares_then_export_and_predict(
+        train_shards, synth_dir, tmp_path):
+    """One real run with the new objective: clipping leaves the log-variance out, the L2
+    factor is re-set, shares reach TensorBoard, and the exported model predicts granules
+    with their geometry."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.export import export
+    from train.model import load_pretrained
+    from train.predict import predict_granule
+    from train.trainer import Trainer
+
+    out = str(tmp_path / "run")
+    cfg = load_config(BENCH, tiny_overrides(train_shards, out) + [
+        "train.steps=4", "loss.l2_share=0.5", "loss.l2_share_every=2", "train.log_every=2",
+        "optim.grad_clip=1e-3"])
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    trainer = Trainer(cfg)
+    names = {id(p) for p in trainer.clip_params}
+    assert id(trainer.model.logvar) not in names
+    assert len(names) == len(list(trainer.model.parameters())) - 1
+    summary = trainer.fit()
+    assert summary["finished"]
+    assert trainer.loss_fn.l2_balance != 1.0
+    ea = EventAccumulator(os.path.join(out, "tb"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    for t in ["train/grad_share/reconstruction", "train/grad_share/kl", "train/l2_balance"] + \
+            [f"train/grad_share/l2/{p}" for p in L2_ORDER]:
+        assert t in tags, t
+    # at a re-set step the L2 terms together hold about the stated share... of the summed
+    # per-term norms, which is at most the share of the norm of their sum
+    l2 = sum(ea.Scalars(f"train/grad_share/l2/{p}")[0].value for p in L2_ORDER)
+    assert 0.5 - 1e-3 <= l2 < 1.0
+
+    model_dir = export(out, str(tmp_path / "model"))
+    model = load_pretrained(model_dir)
+    assert model.uses_geometry
+    granules, _ = discover(find_files(synth_dir))
+    g = next(g for g in granules.values() if g.rad)
+    res = predict_granule(model, g.rad)
+    assert np.isfinite(res["pred"][:, res["valid"]]).all()
+
+
+def test_clip_logvar_true_clips_everything_together(train_shards, tmp_path):
+    from train.trainer import Trainer
+
+    cfg = load_config(PARITY, tiny_overrides(train_shards, str(tmp_path / "r")) + [
+        "train.steps=1", "optim.grad_clip=1.0"])
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    trainer = Trainer(cfg)
+    assert len(trainer.clip_params) == len(list(trainer.model.parameters()))
+
+
+@pytest.mark.slow
+def test_benchmark_command_smoke(tmp_path):
+    out = str(tmp_path / "bench")
+    p = subprocess.run([sys.executable, "scripts/benchmark.py", out, "--smoke", "--steps", "3",
+                        "--mlp-epochs", "1"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "supervised head vs truth" in p.stdout and "Wall time" in p.stdout
+    import json
+
+    r = json.load(open(os.path.join(out, "benchmark.json")))
+    assert set(r["r2"]["supervised head vs truth"]) == set(L2_ORDER)
+    assert r["steps"] == 3 and r["seconds"]["train_supervised"] > 0
