@@ -32,7 +32,6 @@ scatter_<PRODUCT>.png (density of prediction vs reference for each method).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -41,6 +40,7 @@ import time
 import numpy as np
 
 from data_prep.tempo import L2_ORDER
+from data_prep.util import argument_parser
 
 TRUTH_VARS = {"NO2": "no2_trop", "O3TOT": "o3", "HCHO": "hcho", "CLDO4": "cloud_fraction"}
 UNITS = {"NO2": "molecules/cm^2", "O3TOT": "DU", "HCHO": "molecules/cm^2", "CLDO4": "1"}
@@ -286,15 +286,20 @@ def run_probes(feats: dict, targets_t: dict, targets_p: dict, transform, mlp_epo
 
 
 def run_ridge(pix: dict, transform, seed: int) -> tuple[dict, dict]:
-    """Ridge per product from spectrum + geometry; returns (metrics, {product: pairs})."""
+    """Ridge per product from spectrum + geometry; returns (metrics, {product: pairs}).
+    Pixels with non-finite features (invalid geolocation) are left out of the fit and the
+    score, and counted in ``metrics["pixels_without_features"]``."""
     from sklearn.linear_model import RidgeCV
 
     out, pairs = {}, {}
     xtr_all = pix["train"]["x"]
+    # a pixel whose geolocation is invalid (NaN angles in the shards' geo) has no features
+    ftr, fva = np.isfinite(xtr_all).all(1), np.isfinite(pix["val"]["x"]).all(1)
+    out["pixels_without_features"] = {"train": int((~ftr).sum()), "val": int((~fva).sum())}
     for i, p in enumerate(L2_ORDER):
         ytr_p = pix["train"]["y"][:, i]
-        mtr = np.isfinite(ytr_p)
-        mva = np.isfinite(pix["val"]["y"][:, i])
+        mtr = np.isfinite(ytr_p) & ftr
+        mva = np.isfinite(pix["val"]["y"][:, i]) & fva
         if mtr.sum() < 10 or mva.sum() < 2:
             out[p] = {"n_train": int(mtr.sum()), "n": int(mva.sum()), "r2": math.nan,
                       "rmse": math.nan, "bias": math.nan, "alpha": math.nan}
@@ -565,9 +570,7 @@ def scatter_plots(out_dir: str, plots: dict) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.evaluate",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m train.evaluate", __doc__)
     p.add_argument("model", help="model folder written by python -m train.export, or a run "
                                  "or checkpoint folder (exported on the fly)")
     p.add_argument("shards", help="shard folder (data_prep.make_shards) normalised with the "
@@ -575,7 +578,7 @@ def parse_args(argv=None):
     p.add_argument("--truth", default=None,
                    help="folder of TEMPO_TRUTH_<granule>.nc files (data_prep.synthesize)")
     p.add_argument("--out", default="evaluation", help="folder for the JSON, table and plots")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass")
     p.add_argument("--max-pixels", type=int, default=50000,
                    help="pixels per split for the ridge baseline (uniform per tile)")
     p.add_argument("--mlp-epochs", type=int, default=100, help="MLP probe epochs")
