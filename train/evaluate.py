@@ -32,7 +32,6 @@ scatter_<PRODUCT>.png (density of prediction vs reference for each method).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -41,6 +40,7 @@ import time
 import numpy as np
 
 from data_prep.tempo import L2_ORDER
+from data_prep.util import argument_parser
 
 TRUTH_VARS = {"NO2": "no2_trop", "O3TOT": "o3", "HCHO": "hcho", "CLDO4": "cloud_fraction"}
 UNITS = {"NO2": "molecules/cm^2", "O3TOT": "DU", "HCHO": "molecules/cm^2", "CLDO4": "1"}
@@ -301,7 +301,8 @@ def cell_features(l1: np.ndarray, geo: np.ndarray, f: int) -> np.ndarray:
 def run_ridge(pix: dict, transform, seed: int, cells: dict | None = None
               ) -> tuple[dict, dict]:
     """Ridge per product from spectrum + geometry; returns (metrics, {product: pairs}).
-    Pixels with non-finite features (invalid geolocation) are left out of fit and score.
+    Pixels with non-finite features (invalid geolocation) are left out of the fit and the
+    score, and counted in ``metrics["pixels_without_features"]``.
 
     ``cells`` ({"x": (N, C + 3) cell-mean features, "truth": (N, 4) truth per cell}, from
     :func:`cell_features`): the fitted ridge is also applied to each validation cell's mean
@@ -312,7 +313,9 @@ def run_ridge(pix: dict, transform, seed: int, cells: dict | None = None
 
     out, pairs = {}, {}
     xtr_all = pix["train"]["x"]
+    # a pixel whose geolocation is invalid (NaN angles in the shards' geo) has no features
     ftr, fva = np.isfinite(xtr_all).all(1), np.isfinite(pix["val"]["x"]).all(1)
+    out["pixels_without_features"] = {"train": int((~ftr).sum()), "val": int((~fva).sum())}
     for i, p in enumerate(L2_ORDER):
         ytr_p = pix["train"]["y"][:, i]
         mtr = np.isfinite(ytr_p) & ftr
@@ -606,9 +609,7 @@ def scatter_plots(out_dir: str, plots: dict) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.evaluate",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m train.evaluate", __doc__)
     p.add_argument("model", help="model folder written by python -m train.export, or a run "
                                  "or checkpoint folder (exported on the fly)")
     p.add_argument("shards", help="shard folder (data_prep.make_shards) normalised with the "
@@ -616,7 +617,7 @@ def parse_args(argv=None):
     p.add_argument("--truth", default=None,
                    help="folder of TEMPO_TRUTH_<granule>.nc files (data_prep.synthesize)")
     p.add_argument("--out", default="evaluation", help="folder for the JSON, table and plots")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass")
     p.add_argument("--max-pixels", type=int, default=50000,
                    help="pixels per split for the ridge baseline (uniform per tile)")
     p.add_argument("--mlp-epochs", type=int, default=100, help="MLP probe epochs")

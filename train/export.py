@@ -25,7 +25,6 @@ DeepSpeed nor the run folder.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import hashlib
@@ -35,6 +34,8 @@ import shutil
 import sys
 
 import numpy as np
+
+from data_prep.util import argument_parser
 
 FORMAT = "tempo-vae-model/1"
 WEIGHTS = "model.safetensors"
@@ -346,9 +347,7 @@ def read_model_folder(path: str, verify: bool = True) -> tuple[PretrainedInfo, d
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.export",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m train.export", __doc__)
     p.add_argument("source", help="run folder (uses checkpoints/latest) or checkpoint folder")
     p.add_argument("out_dir", help="model folder to write")
     p.add_argument("--shards", default=None,

@@ -35,7 +35,6 @@ in bf16 autocast unless --precision fp32.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import sys
@@ -44,6 +43,7 @@ import time
 import numpy as np
 
 from data_prep.tempo import L2_ORDER
+from data_prep.util import argument_parser
 
 NC_FILL = np.float32(-1.0e30)
 PRODUCT_ATTRS = {
@@ -431,9 +431,7 @@ def gather_granules(inputs: list[str]):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.predict",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m train.predict", __doc__)
     p.add_argument("model", help="model folder written by python -m train.export")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="RAD L1 files and/or folders (L2 files beside them are used too)")
