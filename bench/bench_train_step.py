@@ -79,7 +79,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bare-precision", choices=("fp32", "bf16"), default="fp32")
     args = p.parse_args()
-    cfg_path = os.path.join(ROOT, "configs", "training", "train_vae_l2_supervised.yaml")
+    cfg_path = os.path.join(ROOT, "configs", "training", "research_parity_l2_supervised.yaml")
     work = tempfile.mkdtemp(prefix="bench_step-")
     over = SIZES[args.size] + [f"data.shards={work}", f"data.batch_size={args.batch_size}",
                                "data.num_workers=0", f"train.output_dir={work}/run",

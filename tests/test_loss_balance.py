@@ -143,8 +143,10 @@ def test_benchmark_configs_differ_only_in_the_objective():
         a.pop("output_dir", None), b.pop("output_dir", None)
         assert a == b, section
     a, b = vars(new.model).copy(), vars(parity.model).copy()
-    a.pop("geometry"), b.pop("geometry")
+    for k in ("geometry", "spectral_input"):
+        a.pop(k), b.pop(k)
     assert a == b
+    assert parity.model.spectral_input == "zscore"
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -223,3 +225,40 @@ def test_benchmark_command_smoke(tmp_path):
     r = json.load(open(os.path.join(out, "benchmark.json")))
     assert set(r["r2"]["supervised head vs truth"]) == set(L2_ORDER)
     assert r["steps"] == 3 and r["seconds"]["train_supervised"] > 0
+
+
+# ----------------------------------------------------------------------------- spectral input
+
+
+def test_highpass_input_holds_what_the_zscores_hold_and_exposes_absorption():
+    from train.model import SpectralHighPass
+
+    c, t = 64, 4
+    hp = SpectralHighPass(c, degree=3)
+    wl = torch.linspace(300, 480, c)
+    std = torch.linspace(0.3, 0.6, c)
+    g = torch.Generator().manual_seed(0)
+    # smooth brightness per pixel + a narrow absorption band of random depth
+    smooth = torch.randn(8, 1, t, t, generator=g) + 0.5 * torch.randn(8, 1, t, t, generator=g) \
+        * ((wl - 390) / 90)[None, :, None, None]
+    band = torch.exp(-0.5 * ((wl - 330) / 2.0) ** 2)[None, :, None, None]
+    depth = torch.rand(8, 1, t, t, generator=g) * 0.05
+    x = (smooth - depth * band) / std[None, :, None, None]
+    hp.init_scales(std, wl, x)
+    out = hp.raw(x)
+    v, _ = hp.basis()
+    recon = out[:, :c] + torch.einsum("ck,bkhw->bchw", v, out[:, c:])
+    assert torch.allclose(recon, x * std[None, :, None, None], atol=1e-4)
+    # the residual at the band centre follows the absorption depth, not the brightness
+    r = out[:, int(torch.argmin((wl - 330).abs()))].flatten()
+    corr = torch.corrcoef(torch.stack([r, depth.flatten()]))[0, 1]
+    assert corr < -0.95
+    scaled = hp(x)
+    assert torch.allclose(scaled.flatten(2).std(dim=(0, 2)), torch.ones(c + 4), atol=0.05)
+    # in a model: buffers travel with the weights
+    cfg = ModelConfig(in_channels=c, channels=[8, 8], latent_channels=4, head_hidden=[8],
+                      tile_size=t, attn_heads=2, spectral_input="highpass", highpass_degree=3)
+    m = build_model(cfg, LossConfig())
+    m.init_spectral_scales(std, wl, x)
+    assert torch.equal(m.state_dict()["highpass.scale"], hp.scale)
+    assert m.encoder.conv_in.in_channels == c + 4

@@ -116,10 +116,15 @@ def test_every_shipped_config_loads():
         cfg = load_config(p)
         assert cfg.train.steps >= 1, p
     sup = load_config(os.path.join(ROOT, "configs", "training", "train_vae_l2_supervised.yaml"))
+    par = load_config(os.path.join(ROOT, "configs", "training",
+                                   "research_parity_l2_supervised.yaml"))
     uns = load_config(os.path.join(ROOT, "configs", "training", "train_vae_default.yaml"))
-    assert sup.loss.l2_weights == [0.1] * 4 and uns.loss.l2_weights == [0.0] * 4
-    assert sup.optim.lr == 1e-4 and sup.optim.betas == [0.9, 0.95] and sup.data.batch_size == 32
-    assert sup.model.channels == [512, 256, 128] and sup.train.steps == 200000
+    assert par.loss.l2_weights == [0.1] * 4 and uns.loss.l2_weights == [0.0] * 4
+    assert par.loss.recon_reduction == "sum" and par.optim.grad_clip == 0
+    assert sup.loss.recon_reduction == "mean" and sup.loss.l2_share > 0
+    for c in (sup, par):
+        assert c.optim.lr == 1e-4 and c.optim.betas == [0.9, 0.95] and c.data.batch_size == 32
+        assert c.model.channels == [512, 256, 128] and c.train.steps == 200000
 
 
 def test_overrides_win_and_bad_keys_fail():

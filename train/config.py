@@ -69,6 +69,11 @@ class ModelConfig:
     head_hidden: list[int] = F([512, 512], "L2 head hidden widths (1x1 convolutions)")
     head_outputs: int = F(4, "L2 products predicted (NO2, O3TOT, HCHO, CLDO4)")
     tile_size: int = F(64, "input tile height/width (for FLOP counting and checks)")
+    spectral_input: str = F("zscore", "encoder input: 'zscore' (the normalised radiance, the "
+                                      "research model) or 'highpass' (per pixel, the log "
+                                      "radiance's residual from a polynomial in wavelength "
+                                      "plus the polynomial's coefficients; see train/model.py)")
+    highpass_degree: int = F(5, "polynomial degree of spectral_input='highpass'")
     geometry: str = F("none", "viewing geometry from the samples' geo member (cos SZA, cos VZA, "
                               "2/geometric air-mass factor): 'encoder' (extra input "
                               "channels), 'head' (appended to the head's input per latent "
@@ -278,6 +283,9 @@ def validate(cfg: Config) -> None:
              f"level {i} width {w} is not divisible by model.norm_groups={cfg.model.norm_groups}")
     need(cfg.model.tile_size % 2 ** (len(cfg.model.channels) - 1) == 0, "model.tile_size",
          f"must be divisible by 2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)}")
+    need(cfg.model.spectral_input in ("zscore", "highpass"), "model.spectral_input",
+         "must be zscore or highpass")
+    need(0 <= cfg.model.highpass_degree <= 12, "model.highpass_degree", "must be in 0..12")
     need(cfg.model.geometry in ("none", "encoder", "head", "both"), "model.geometry",
          "must be none, encoder, head or both")
     need(cfg.loss.recon in ("l1", "l2"), "loss.recon", "must be l1 or l2")

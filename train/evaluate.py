@@ -22,7 +22,10 @@ unless marked "model space":
   cos VZA, the geometric air-mass factor 1/cos SZA + 1/cos VZA) to the product in model
   space, fit only on training pixels where that product's L2 is valid (alpha by
   leave-one-out cross-validation, RidgeCV), scored on validation pixels where it is valid.
-  At most --max-pixels pixels per split are used, drawn uniformly per tile (seeded).
+  At most --max-pixels pixels per split are used, drawn uniformly per tile (seeded). With
+  --truth the fitted ridge is also applied to the mean features of each validation latent
+  cell and scored against the cell's truth (``ridge[P]["truth_cell"]``): the level at
+  which the head is scored against the truth.
 - l2_vs_truth (with --truth): the operational L2 against the truth per pixel, the
   reference a model can be judged by.
 

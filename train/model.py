@@ -13,6 +13,16 @@ solar and viewing zenith angle per pixel) becomes GEOMETRY_FEATURES (cos SZA, co
 both ('both'). 'none' (the research model) ignores it. The decoder reconstructs the
 spectrum only.
 
+Spectral input (``model.spectral_input``): 'zscore' (the research model) feeds the encoder the
+normalised radiance x = (log I - mean_c) / std_c as it is. 'highpass' feeds it, per pixel,
+the log radiance's departure from the mean spectrum, log I - mean_c = x std_c, split into a
+polynomial in wavelength of degree ``highpass_degree`` (its coefficients: brightness and
+broad-band shape) and the residual (differential structure: trace-gas absorption, as a
+DOAS fit sees it); both are divided by per-channel scales measured on the first training
+batch (``init_spectral_scales``), so the residual's small differential features are on the
+scale of the inputs. Together they hold exactly what x holds; the decoder still
+reconstructs x. The channel std, wavelengths and scales are buffers (saved, exported).
+
 Everything the loss needs, including the learned reconstruction log-variance, comes out
 of ``forward``: under ZeRO-3 parameters are only whole inside the forward pass.
 """
@@ -129,6 +139,46 @@ def _levels(widths: list[int], size: int, cfg, resample, factor: float):
     return nn.Sequential(*blocks), cin
 
 
+class SpectralHighPass(nn.Module):
+    """x (B, C, H, W) z-scores -> (B, C + D + 1, H, W): residual of log I - mean_c after a
+    least-squares polynomial of degree D in wavelength, then the D + 1 coefficients, each
+    divided by its scale. Buffers: std (C,), wavelength (C,) nm, scale (C + D + 1,)."""
+
+    def __init__(self, channels: int, degree: int):
+        super().__init__()
+        self.degree = degree
+        self.register_buffer("std", torch.ones(channels))
+        self.register_buffer("wavelength", torch.linspace(290.0, 490.0, channels))
+        self.register_buffer("scale", torch.ones(channels + degree + 1))
+
+    def basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V (C, D+1) Legendre-like powers of wavelength scaled to [-1, 1], its pseudo-
+        inverse (D+1, C)), in float64 then cast to float32."""
+        w = self.wavelength.double()
+        t = 2 * (w - w.min()) / (w.max() - w.min()).clamp(min=1e-9) - 1
+        v = torch.stack([t ** k for k in range(self.degree + 1)], 1)
+        return v.float(), torch.linalg.pinv(v).float()
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() * self.std.float()[None, :, None, None]  # log I - mean, (B, C, H, W)
+        v, vinv = self.basis()
+        coef = torch.einsum("kc,bchw->bkhw", vinv, y)
+        resid = y - torch.einsum("ck,bkhw->bchw", v, coef)
+        return torch.cat([resid, coef], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.raw(x) / self.scale[None, :, None, None]).to(x.dtype)
+
+    @torch.no_grad()
+    def init_scales(self, std: torch.Tensor, wavelength: torch.Tensor, x: torch.Tensor) -> None:
+        """Set the channel std and wavelengths (the shards' stats) and the scales: the std of
+        each output over the pixels of ``x`` (B, C, H, W), floored at 1e-6."""
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype))
+        self.wavelength.copy_(torch.as_tensor(wavelength, dtype=self.wavelength.dtype))
+        r = self.raw(x.float())
+        self.scale.copy_(r.transpose(0, 1).reshape(r.shape[1], -1).std(1).clamp(min=1e-6))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg, extra_in: int = 0):
         super().__init__()
@@ -221,7 +271,12 @@ class TempoVAE(nn.Module):
         self.geometry_in_head = mode in ("head", "both")
         self.latent_factor = 2 ** (len(cfg.channels) - 1)
         n_geo = len(GEOMETRY_FEATURES)
-        self.encoder = Encoder(cfg, n_geo if self.geometry_in_encoder else 0)
+        self.highpass = None
+        extra = n_geo if self.geometry_in_encoder else 0
+        if getattr(cfg, "spectral_input", "zscore") == "highpass":
+            self.highpass = SpectralHighPass(cfg.in_channels, cfg.highpass_degree)
+            extra += cfg.highpass_degree + 1
+        self.encoder = Encoder(cfg, extra)
         self.decoder = Decoder(cfg)
         zc = 2 * cfg.latent_channels if cfg.double_z else cfg.latent_channels
         self.quant_conv = nn.Conv2d(zc, zc, 1)
@@ -247,11 +302,18 @@ class TempoVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, geo: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z|x); ``geo`` (B, 4, H, W) is required when model.geometry feeds the encoder."""
-        g = self._geometry(x, geo)
-        if self.geometry_in_encoder:
-            x = torch.cat([x, g], 1)
-        moments = self.quant_conv(self.encoder(x))
+        moments = self.quant_conv(self.encoder(self._encoder_input(x, self._geometry(x, geo))))
         return self._posterior(moments)
+
+    def _encoder_input(self, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        xin = self.highpass(x) if self.highpass is not None else x
+        return torch.cat([xin, g], 1) if self.geometry_in_encoder else xin
+
+    def init_spectral_scales(self, std, wavelength, x: torch.Tensor) -> None:
+        """model.spectral_input='highpass': set the channel std and wavelengths (nm) from the
+        shards' stats.json and the input scales from a batch x (B, C, H, W); no-op else."""
+        if self.highpass is not None:
+            self.highpass.init_scales(std, wavelength, x)
 
     def _posterior(self, moments: torch.Tensor) -> DiagonalGaussian:
         if not self.cfg.double_z:
@@ -278,8 +340,7 @@ class TempoVAE(nn.Module):
         the encoder's output (B, 2Z, h, w), the tensor every term's gradient enters the
         encoder through (see train.losses.encoder_gradient_shares)."""
         g = self._geometry(x, geo)
-        xin = torch.cat([x, g], 1) if self.geometry_in_encoder else x
-        moments = self.quant_conv(self.encoder(xin))
+        moments = self.quant_conv(self.encoder(self._encoder_input(x, g)))
         post = self._posterior(moments)
         z = post.sample(generator) if sample else post.mode()
         return {

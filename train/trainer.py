@@ -107,6 +107,8 @@ class Trainer:
                               f"{n_ch}")
 
         self.model = build_model(cfg.model, cfg.loss)
+        if cfg.model.spectral_input == "highpass":
+            self._init_spectral_scales()
         self.n_params = count_parameters(self.model)
         self.loss_fn = build_loss(cfg.loss)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
@@ -170,6 +172,22 @@ class Trainer:
             name = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
         self.peak_flops = peak * 1e12
+
+    def _init_spectral_scales(self) -> None:
+        """Input scales of model.spectral_input='highpass' from the first training batch as
+        rank 0 of one would read it (identical on every rank; a resume overwrites them with
+        the checkpoint's)."""
+        import dataclasses
+
+        stats = self.train_loader.dataset.shards.stats["l1"]
+        if "wavelength_nm" not in stats:
+            raise ConfigError(f"model.spectral_input=highpass needs l1.wavelength_nm in "
+                              f"{self.cfg.data.shards}/stats.json")
+        loader = build_loader(dataclasses.replace(self.cfg.data, num_workers=0), "train", 0, 1)
+        batch = next(iter(loader))
+        x = batch["l1"][batch["valid"]].float()
+        self.model.init_spectral_scales(torch.tensor(stats["std"]),
+                                        torch.tensor(stats["wavelength_nm"]), x)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
