@@ -123,6 +123,36 @@ def test_ridge_fits_only_where_the_l2_is_valid():
     assert pairs["O3TOT"].shape == (400, 2)
 
 
+def test_ridge_is_scored_against_the_truth_on_cell_means():
+    from train.evaluate import cell_features
+
+    g = np.random.default_rng(3)
+    t = _transform()
+    # one 4 x 4 tile of 3 channels, cells of 2 x 2: features are the cell means
+    l1 = g.normal(size=(3, 4, 4)).astype(np.float32)
+    geo = np.zeros((4, 4, 4), np.float32)
+    geo[2], geo[3] = 30.0, 10.0
+    geo[2, 0, 0] = np.nan  # invalid geolocation: the whole top-left cell has no features
+    f = cell_features(l1, geo, 2)
+    assert f.shape == (4, 3 + 3)
+    assert np.allclose(f[3, :3], l1[:, 2:, 2:].mean(axis=(1, 2)))
+    assert np.allclose(f[3, 3], np.cos(np.radians(30.0)))
+    assert not np.isfinite(f[0]).all() and np.isfinite(f[1:]).all()
+    # a linear truth: the ridge fitted on pixels predicts the cells' truth
+    pix = {}
+    for s in ("train", "val"):
+        x = g.normal(size=(600, 6))
+        y = np.full((600, 4), np.nan)
+        y[:, 1] = 300 + 20 * (x[:, 0] - 0.5 * x[:, 3])
+        pix[s] = {"x": x, "y": y}
+    cx = g.normal(size=(50, 6))
+    truth = np.full((50, 4), np.nan)
+    truth[:, 1] = 300 + 20 * (cx[:, 0] - 0.5 * cx[:, 3])
+    truth[:5, 1] = np.nan
+    out, _ = run_ridge(pix, t, seed=0, cells={"x": cx, "truth": truth})
+    assert out["O3TOT"]["truth_cell"]["n"] == 45 and out["O3TOT"]["truth_cell"]["r2"] > 0.99
+
+
 def test_cli_outputs_and_mismatched_normalisation(trained, train_shards, tmp_path):
     _, model = trained
     out = str(tmp_path / "ev")
