@@ -7,6 +7,7 @@ TEMPO_VAE_FAULT=KIND:NUMBER[:RANK] (RANK: every rank when left out):
   no_space:N      the N-th checkpoint's free-space check sees a full disk
   enospc_write:S  at the checkpoint of step S, writing the rank's files fails with ENOSPC
   hang:S          micro-step S never finishes (a rank stuck in I/O)
+  stop:S          the rank sends itself SIGUSR1 during micro-step S (a preemption notice)
 """
 
 import errno
@@ -105,7 +106,15 @@ def _install(kind: str, step: int, here: bool) -> None:
                 time.sleep(3600)
             return out
         _wrap_loss(trainer_module, stuck)
-    elif kind not in ("nan_loss", "inf_grad", "no_space", "enospc_write", "hang"):
+    elif kind == "stop" and here:
+        import signal
+
+        def preempt(n, out):
+            if n == step:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return out
+        _wrap_loss(trainer_module, preempt)
+    elif kind not in ("nan_loss", "inf_grad", "no_space", "enospc_write", "hang", "stop"):
         raise SystemExit(f"TEMPO_VAE_FAULT: unknown kind {kind!r}")
 
 

@@ -56,7 +56,8 @@ class OneTerm:
 
     def __call__(self, out, x, l2_t, valid, norm=None):
         t = self.inner(out, x, l2_t, valid, None if self.own_counts else norm)
-        return t | {"loss": t[self.term]}
+        # + 0 x the full loss: every parameter stays in the graph (DDP needs that)
+        return t | {"loss": t[self.term] + 0.0 * t["loss"]}
 
 
 class Deterministic(torch.nn.Module):
@@ -83,7 +84,8 @@ def step_gradients(cfg, accum: int, trainer=None, own_counts=False) -> dict:
 
     def capture(*a, **kw):  # record instead of updating: every term sees the same model
         grads[term] = {n: p.grad.detach().double().clone()
-                       for n, p in trainer.model.named_parameters() if p.grad is not None}
+                       for n, p in trainer.acc.unwrap_model(trainer.model).named_parameters()
+                       if p.grad is not None}
     trainer.optimizer.step = capture
     batch = fixed_batch(cfg.model.in_channels, cfg.model.tile_size)
     window = _split(batch, trainer.rank, trainer.world, accum)
