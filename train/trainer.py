@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -242,19 +243,58 @@ class Trainer:
                     "use the checkpoint's config.yaml or start a new output_dir")
         state = json.load(open(os.path.join(path, "trainer_state.json")))
         state.setdefault("world_size", None)
+        self.universal = None
         if state["world_size"] not in (None, self.world) and self.deepspeed:
+            if not state.get("deepspeed", True):
+                raise ConfigError(
+                    f"cannot resume {path} (saved without DeepSpeed) under DeepSpeed: resume "
+                    "it with the launch set-up that saved it")
+            self.universal = self._universal_checkpoint(path, state["world_size"])
+        elif state.get("deepspeed") is not None and bool(state["deepspeed"]) != self.deepspeed:
             raise ConfigError(
-                f"cannot resume {path} (saved by {state['world_size']} ranks) on "
-                f"{self.world} ranks: DeepSpeed's ZeRO checkpoint is partitioned per rank and "
-                f"cannot be loaded by another number of ranks. Resume on {state['world_size']} "
-                "ranks, or convert it with `python -m deepspeed.checkpoint.ds_to_universal` "
-                "and train on with the converted weights")
+                f"cannot resume {path}: saved {'with' if state['deepspeed'] else 'without'} "
+                f"DeepSpeed, resumed {'with' if self.deepspeed else 'without'} it; resume it "
+                "with the launch set-up that saved it")
         return state
+
+    def _universal_checkpoint(self, path: str, saved_world: int) -> str:
+        """DeepSpeed's ZeRO files are partitioned per rank: convert them once to DeepSpeed's
+        universal checkpoint (``pytorch_model_universal`` next to them, written by the main
+        process, atomically) and have the engine load that, re-partitioned for this number
+        of ranks."""
+        tag = "pytorch_model_universal"
+        dst = os.path.join(path, tag)
+        if self.is_main and not os.path.isdir(dst):
+            import subprocess
+
+            self._log(f"converting {path} (saved by {saved_world} ranks) to a universal "
+                      f"checkpoint for {self.world} ranks")
+            tmp = dst + ".partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            p = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                "--input_folder", os.path.join(path, "pytorch_model"),
+                                "--output_folder", tmp, "--inject_missing_state",
+                                "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise ConfigError(
+                    f"cannot resume {path} (saved by {saved_world} ranks) on {self.world} "
+                    f"ranks: converting it to a universal checkpoint failed "
+                    f"({p.stderr.strip().splitlines()[-1:] or p.returncode}); resume on "
+                    f"{saved_world} ranks")
+            os.replace(tmp, dst)
+        self.acc.wait_for_everyone()
+        self.ds_config["checkpoint"] = {"load_universal": True}
+        return tag
 
     def resume(self, path: str, state: dict) -> None:
         """Load model, optimizer, RNG, schedule and loader position from ``path``."""
         same = state.get("world_size") == self.world
-        self.acc.load_state(path)
+        if self.universal:  # another number of DeepSpeed ranks: re-partitioned states
+            self.model.load_checkpoint(path, tag=self.universal, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        else:
+            self.acc.load_state(path)
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
