@@ -327,7 +327,8 @@ def test_schedule_counts_and_a_stop_inside_an_accumulation_window(train_shards, 
     the number of real tiles in every micro-batch on every rank; DeepSpeed accumulates in
     fp32. SIGUSR1 during the second micro-step of step 2: the step completes, a checkpoint
     is saved, and the resumed run's per-step losses equal the uninterrupted run's bitwise.
-    The same 2-rank DeepSpeed checkpoint then resumes on 1 rank (universal checkpoint)."""
+    The same 2-rank DeepSpeed checkpoint then resumes on 1 rank, and that one on 2 ranks
+    (universal checkpoints)."""
     from train.config import load_config
     from train.data import build_loader
     from train.optim import lr_lambda
@@ -373,13 +374,26 @@ def test_schedule_counts_and_a_stop_inside_an_accumulation_window(train_shards, 
     la, lb = losses(a), losses(b)
     assert [la[s] for s in range(1, 9)] == [lb[s] for s in range(1, 9)]
     assert json.load(open(os.path.join(b, "summary.json")))["samples_seen"] == want
-    # the same 2-rank ZeRO-2 checkpoint on 1 rank: converted to DeepSpeed's universal
-    # checkpoint, re-partitioned, and training continues from the trained weights
-    p = launch(ZERO2, "train/main.py", common + [f"train.output_dir={a}", "train.resume=latest",
-                                                 "train.steps=9"],
+    # the same 2-rank ZeRO-2 checkpoint on 1 rank, converted to DeepSpeed's universal
+    # checkpoint and re-partitioned: the loaded weights give the same validation as the
+    # weights that were saved (train.steps=8: validate and save at once) ...
+    val = json.load(open(os.path.join(a, "summary.json")))["val"]
+    p = launch(ZERO2, "train/main.py", common + [f"train.output_dir={a}", "train.resume=latest"],
                extra=["--num_processes", "1"], launcher=LAUNCHERS["train.launch"])
     check(p)
     assert "to a universal checkpoint for 1 ranks" in p.stdout
     assert "elastic resume: checkpoint from 2 ranks" in p.stdout and "at step 8" in p.stdout
-    la9 = losses(a)
-    assert abs(la9[9] - la[8]) < abs(la9[9] - la[1])  # trained weights, not a fresh model
+    val1 = json.load(open(os.path.join(a, "summary.json")))["val"]
+    assert val1["samples"] == val["samples"]
+    for k in ("recon_mae", "l2/NO2_rmse", "l2/CLDO4_rmse"):
+        assert val1[k] == pytest.approx(val[k], rel=1e-5), k
+    # ... and the checkpoint that 1 rank saved, back on 2 ranks
+    state = json.load(open(os.path.join(a, "checkpoints", "step_00000008",
+                                        "trainer_state.json")))
+    assert state["world_size"] == 1
+    p = launch(ZERO2, "train/main.py", common + [f"train.output_dir={a}", "train.resume=latest"])
+    check(p)
+    assert "to a universal checkpoint for 2 ranks" in p.stdout and "at step 8" in p.stdout
+    val2 = json.load(open(os.path.join(a, "summary.json")))["val"]
+    for k in ("recon_mae", "l2/NO2_rmse", "l2/CLDO4_rmse"):
+        assert val2[k] == pytest.approx(val[k], rel=1e-5), k

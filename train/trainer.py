@@ -264,6 +264,7 @@ class Trainer:
         of ranks."""
         tag = "pytorch_model_universal"
         dst = os.path.join(path, tag)
+        problem = ""
         if self.is_main and not os.path.isdir(dst):
             import subprocess
 
@@ -276,14 +277,20 @@ class Trainer:
                                 "--output_folder", tmp, "--inject_missing_state",
                                 "--num_extract_workers", "1", "--num_merge_workers", "1"],
                                capture_output=True, text=True)
-            if p.returncode != 0:
-                raise ConfigError(
-                    f"cannot resume {path} (saved by {saved_world} ranks) on {self.world} "
-                    f"ranks: converting it to a universal checkpoint failed "
-                    f"({p.stderr.strip().splitlines()[-1:] or p.returncode}); resume on "
-                    f"{saved_world} ranks")
-            os.replace(tmp, dst)
-        self.acc.wait_for_everyone()
+            if p.returncode == 0:
+                os.replace(tmp, dst)
+            else:
+                last = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+                problem = f"converting it to a universal checkpoint failed ({last})"
+        failed = self._reduce(torch.tensor([float(bool(problem))], device=self.acc.device))
+        if failed.item() > 0:  # every rank stops, before anything is loaded
+            raise ConfigError(
+                f"cannot resume {path} (saved by {saved_world} ranks) on {self.world} ranks: "
+                f"{problem or 'the conversion failed on the main process'}; resume on "
+                f"{saved_world} ranks, or convert it yourself with `python -m "
+                f"deepspeed.checkpoint.ds_to_universal --input_folder "
+                f"{os.path.join(path, 'pytorch_model')} --output_folder {dst} "
+                "--inject_missing_state`")
         self.ds_config["checkpoint"] = {"load_universal": True}
         return tag
 
@@ -300,7 +307,7 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.last_val = state.get("last_val", {})
         self.scheduler.last_epoch = self.step  # one schedule step per optimizer step
-        for group, lr in zip(self.optimizer.param_groups, self._lrs(self.step)):
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self._lrs(self.step)):
             group["lr"] = lr
         self.scheduler._last_lr = self._lrs(self.step)
         layout = {k: state.get(k) for k in self._layout()}
@@ -356,7 +363,7 @@ class Trainer:
         # DDP / DeepSpeed average gradients over ranks, Accelerate / DeepSpeed divide the
         # loss by the accumulation steps: undo both, the terms are already step shares
         scale = float(self.world * n_micro)
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        lr = float(self.scheduler.optimizer.param_groups[0]["lr"])
         sums: dict[str, torch.Tensor] = {}
         bad_msg, stop, skipped = None, False, False
         acc.step = 0  # accumulation phase: the window's last micro-batch syncs
