@@ -31,9 +31,12 @@ class CheckpointManager:
 
     ``acc``: the Accelerator (its ``save_state`` writes model, optimizer and RNG states);
     ``n_params``: parameter count, for the free-space estimate before the first save;
-    ``on_exit``: called before this rank exits on a failed write (flush logs)."""
+    ``on_exit``: called before this rank exits on a failed write (flush logs);
+    ``disk_usage``, ``save_file``: shutil.disk_usage and torch.save unless a test injects
+    a full disk or a failing write."""
 
-    def __init__(self, acc, ckpt_dir: str, keep_last: int, n_params: int, on_exit=None):
+    def __init__(self, acc, ckpt_dir: str, keep_last: int, n_params: int, on_exit=None,
+                 disk_usage=None, save_file=None):
         self.acc = acc
         self.dir = ckpt_dir
         self.keep_last = keep_last
@@ -42,6 +45,8 @@ class CheckpointManager:
         self.is_main = acc.is_main_process
         self.on_exit = on_exit
         self._bytes: int | None = None  # see checkpoint_bytes
+        self.disk_usage = disk_usage or shutil.disk_usage
+        self.save_file = save_file or torch.save
 
     # ------------------------------------------------------------------ finding
     def last(self) -> str | None:
@@ -103,7 +108,7 @@ class CheckpointManager:
         acc.wait_for_everyone()
         try:
             acc.save_state(tmp)  # every rank (DeepSpeed shards its states)
-            torch.save(rank_state, os.path.join(tmp, f"trainer_rank{self.rank}.pt"))
+            self.save_file(rank_state, os.path.join(tmp, f"trainer_rank{self.rank}.pt"))
         except Exception as e:
             self.abort(name, e)
         acc.wait_for_everyone()
@@ -144,7 +149,7 @@ class CheckpointManager:
                 f.write(b"ok")
             os.remove(probe)
             need = int(self.checkpoint_bytes() * 1.05) + (16 << 20)
-            free = shutil.disk_usage(self.dir).free
+            free = self.disk_usage(self.dir).free
             if free < need:
                 problem = (f"{free / 1e9:.2f} GB free in {self.dir}, a checkpoint needs "
                            f"about {need / 1e9:.2f} GB")

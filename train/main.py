@@ -38,7 +38,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, make_trainer=None) -> int:
+    """Run from the command line; ``make_trainer(cfg)`` replaces ``Trainer(cfg)`` (tests
+    inject faults through the trainer's constructor seams)."""
     install_stop_handlers()  # before the slow imports: a SIGTERM during start-up is kept
     stop_with_launcher()
     args = parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     trainer = cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
+        trainer = (make_trainer or Trainer)(cfg)
         trainer.fit()
     except Exception as e:
         code = exit_code(e)

@@ -113,11 +113,13 @@ def _launcher_source(key: str) -> str | None:
 
 
 class Trainer:
-    """Wires the run together. Seams for tests: ``accelerator``, ``build_model_fn``,
-    ``loss_fn`` and ``stop_fn`` (returns a signal number or None) replace the defaults."""
+    """Wires the run together. Seams for tests: ``accelerator``, ``build_model_fn``
+    (``(model_cfg, loss_cfg) -> module``), ``loss_fn``, ``stop_fn`` (returns a signal
+    number or None) and ``checkpoint_io`` (keyword arguments of CheckpointManager, e.g.
+    ``disk_usage``, ``save_file``) replace the defaults."""
 
     def __init__(self, cfg: Config, accelerator=None, build_model_fn=None, loss_fn=None,
-                 stop_fn=None):
+                 stop_fn=None, checkpoint_io: dict | None = None):
         from accelerate.utils import DistributedType, set_seed
 
         self.cfg = cfg
@@ -156,7 +158,8 @@ class Trainer:
             self.ds_config = self._reconcile_deepspeed()
         self.ckpt = CheckpointManager(acc, os.path.join(self.out_dir, "checkpoints"),
                                       cfg.train.keep_last, self.n_params,
-                                      on_exit=lambda: self.sink.flush())
+                                      on_exit=lambda: self.sink.flush(),
+                                      **(checkpoint_io or {}))
         self.resume_path = self.ckpt.resolve(cfg.train.resume, self._log)
         self.resume_state = None
         if self.resume_path:
