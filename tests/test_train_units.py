@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 
@@ -265,3 +266,86 @@ def test_elastic_resume_continues_the_epoch_with_exactly_the_unseen_samples(trai
     loader = build_loader(c, "train", 0, 3)
     loader.restore(pos, lay, {})
     assert len(loader) >= n3
+
+
+class _OneProcess:
+    """The part of an Accelerator the checkpoint manager uses, for one process."""
+    process_index, num_processes, is_main_process, device = 0, 1, True, "cpu"
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "model.bin"), "wb") as f:
+            f.write(b"\0" * 1000)
+
+
+def test_checkpoint_manager_saves_rotates_and_never_moves_latest_on_failure(tmp_path):
+    import errno
+
+    from train.checkpoint import CheckpointManager
+    from train.errors import CheckpointError
+
+    d = str(tmp_path / "checkpoints")
+    m = CheckpointManager(_OneProcess(), d, keep_last=2, n_params=10)
+    assert m.resolve("latest", log=lambda s: None) is None
+    for step in (1, 2, 3):
+        m.save(step, {"rank": 0}, {"step": step}, "a: 1\n")
+    assert sorted(os.listdir(d)) == ["latest", "step_00000002", "step_00000003"]
+    assert m.resolve("latest") == os.path.join(d, "step_00000003")
+    assert torch.load(os.path.join(d, "step_00000003", "trainer_rank0.pt")) == {"rank": 0}
+    # a full disk found before writing: nothing written, latest unchanged
+    full = CheckpointManager(_OneProcess(), d, 2, 10, disk_usage=lambda p: type(
+        __import__("shutil").disk_usage(p))(100, 100, 0))
+    with pytest.raises(CheckpointError, match="step_00000004 .*0.00 GB free.*step_00000003, "
+                                               "is intact"):
+        full.save(4, {}, {"step": 4}, "")
+    assert not os.path.exists(os.path.join(d, "step_00000004.partial"))
+
+    def enospc(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    broken = CheckpointManager(_OneProcess(), d, 2, 10, save_file=enospc)
+    with pytest.raises(CheckpointError, match="could not be written on rank 0: .*No space"):
+        broken.save(5, {}, {"step": 5}, "")
+    assert open(os.path.join(d, "latest")).read().strip() == "step_00000003"
+    assert os.path.isdir(os.path.join(d, "step_00000005.partial"))
+    logged = []
+    m.remove_partial(logged.append)
+    assert not os.path.exists(os.path.join(d, "step_00000005.partial")) and logged
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        m.resolve(str(tmp_path))
+
+
+def test_one_process_fit_counts_every_micro_batch_and_follows_the_schedule(train_shards,
+                                                                         tmp_path):
+    """grad_accum=2, warmup + cosine: samples_seen is every real tile of every micro-batch,
+    the schedule advances once per optimizer step (train/lr of step s = lr x f(s - 1))."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.data import build_loader
+    from train.optim import lr_lambda
+    from train.trainer import Trainer
+
+    cfg = _tiny_cfg(train_shards, tmp_path, "optim.grad_accum=2", "optim.schedule=cosine",
+                    "optim.warmup_steps=2", "optim.lr=1e-3", "train.steps=5",
+                    "train.ckpt_every=0", "data.batch_size=4")
+    summary = Trainer(cfg).fit()
+    want, left, epoch = 0, 10, 0
+    loader = build_loader(cfg.data, "train")
+    while left:
+        loader.set_epoch(epoch)
+        for b in loader:
+            want, left = want + int(b["valid"].sum()), left - 1
+            if not left:
+                break
+        epoch += 1
+    assert summary["samples_seen"] == want and want > 10 * 4 // 2
+    ev = EventAccumulator(os.path.join(cfg.train.output_dir, "tb"))
+    ev.Reload()
+    f = lr_lambda(cfg)
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in ev.Scalars("train/lr")] == \
+        [(s, 1e-3 * f(s - 1)) for s in range(1, 6)]
+    state = json.load(open(os.path.join(cfg.train.output_dir, "checkpoints", "step_00000005",
+                                        "trainer_state.json")))
+    assert state["scheduler"]["last_epoch"] == 5 and state["samples_seen"] == want
