@@ -162,6 +162,7 @@ class Trainer:
                                       **(checkpoint_io or {}))
         self.resume_path = self.ckpt.resolve(cfg.train.resume, self._log)
         self.resume_state = None
+        self.universal: str | None = None  # DeepSpeed tag to load re-partitioned, see resume
         if self.resume_path:
             self.resume_state = self._check_resume(self.resume_path)
         # the scheduler is not prepared: see train.optim
@@ -247,7 +248,9 @@ class Trainer:
         state = json.load(open(os.path.join(path, "trainer_state.json")))
         state.setdefault("world_size", None)
         self.universal = None
-        if state["world_size"] not in (None, self.world) and self.deepspeed:
+        stage = self._layout()["zero_stage"]
+        other_stage = state.get("zero_stage") not in (None, stage)
+        if self.deepspeed and (state["world_size"] not in (None, self.world) or other_stage):
             if not state.get("deepspeed", True):
                 raise ConfigError(
                     f"cannot resume {path} (saved without DeepSpeed) under DeepSpeed: resume "
@@ -261,10 +264,10 @@ class Trainer:
         return state
 
     def _universal_checkpoint(self, path: str, saved_world: int) -> str:
-        """DeepSpeed's ZeRO files are partitioned per rank: convert them once to DeepSpeed's
-        universal checkpoint (``pytorch_model_universal`` next to them, written by the main
-        process, atomically) and have the engine load that, re-partitioned for this number
-        of ranks."""
+        """DeepSpeed's ZeRO files are partitioned per rank and stage: convert them once to
+        DeepSpeed's universal checkpoint (``pytorch_model_universal`` next to them, written
+        by the main process, atomically) and have the engine load that, re-partitioned for
+        this number of ranks and ZeRO stage."""
         tag = "pytorch_model_universal"
         dst = os.path.join(path, tag)
         problem = ""
