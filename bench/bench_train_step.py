@@ -4,7 +4,8 @@ Both run the same model, batch and loss on the same in-memory batch (the loader 
 benchmarked separately by bench_loader.py), interleaved, best of --repeats:
 
   ours   Trainer.train_step: accelerate (DeepSpeed when launched with a DeepSpeed config),
-         loss terms, the per-step all-reduce of stop/non-finite flags, clipping, scheduler
+         loss terms normalised over the step (its counts all-reduced), the all-reduce of
+         stop/non-finite flags, clipping, scheduler
   bare   model -> VAELoss -> backward -> clip_grad_norm_ -> AdamW step, plain PyTorch, in
          the "--bare-precision" (fp32 = the research setup)
 
@@ -113,7 +114,7 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
 
     def ours_step():
-        trainer.train_step(batch)
+        trainer.train_step([batch])  # one optimizer step of one micro-batch
 
     def sync():
         if torch.cuda.is_available():

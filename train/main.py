@@ -38,40 +38,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, make_trainer=None) -> int:
+    """Run from the command line; ``make_trainer(cfg)`` replaces ``Trainer(cfg)`` (tests
+    inject faults through the trainer's constructor seams)."""
     install_stop_handlers()  # before the slow imports: a SIGTERM during start-up is kept
     stop_with_launcher()
     args = parse_args(argv)
-    from train.config import ConfigError, describe, load_config
+    from train.config import describe, load_config
 
     if args.help_config:
         print(describe())
         return 0
     setup_cpu_deepspeed()
-    from train.data import DataError
+    from train.errors import EXIT_FAILURE, exit_code
     from train.trainer import Trainer
 
+    trainer = cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from train.trainer import EXIT_CHECKPOINT, EXIT_NONFINITE, CheckpointError, NonFiniteError
-
-    try:
+        trainer = (make_trainer or Trainer)(cfg)
         trainer.fit()
-    except ConfigError as e:  # e.g. resuming with an incompatible model config
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECKPOINT
-    except RuntimeError as e:
-        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+    except Exception as e:
+        code = exit_code(e)
+        if code is not None:
+            print(f"error: {e}", file=sys.stderr)
+            return code
+        if trainer is None or ("timed out" not in str(e).lower()
+                               and "timeout" not in str(e).lower()):
             raise
         first = str(e).splitlines()[0][:300]
         print(f"error: rank {trainer.rank} waited {cfg.train.collective_timeout_s} s for the "
@@ -79,7 +72,7 @@ def main(argv=None) -> int:
               "answering (hung I/O, a lost node): see its log. The last checkpoint is "
               "intact; resume with train.resume=latest (train.collective_timeout_s sets the "
               "wait)", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     return 0
 
 
