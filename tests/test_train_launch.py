@@ -52,7 +52,7 @@ def test_zero2_two_processes_train_checkpoint_and_resume(train_shards, tmp_path)
     args = ["--config", DEMO] + tiny_overrides(train_shards, out)
     p = launch(cfg, "train/main.py", args + ["train.steps=12", "train.ckpt_every=6"])
     check(p)
-    assert "2 ranks; deepspeed=True precision=bf16" in p.stdout
+    assert "2 ranks; deepspeed=True precision=bf16" in p.stderr
     loss = [v for _, v in scalars(out, "train/recon_l1")]
     assert len(loss) == 12 and all(map(lambda v: v == v, loss))  # finite
     assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3  # it learns on the tiny set
@@ -67,7 +67,7 @@ def test_zero2_two_processes_train_checkpoint_and_resume(train_shards, tmp_path)
     p = launch(cfg, "train/main.py", args + ["train.steps=16", "train.ckpt_every=0",
                                              "train.resume=latest"])
     check(p)
-    assert "resumed from" in p.stdout and "at step 12" in p.stdout
+    assert "resumed from" in p.stderr and "at step 12" in p.stderr
     steps = [s for s, _ in scalars(out, "train/loss")]
     assert max(steps) == 16 and 13 in steps
     assert json.load(open(os.path.join(out, "summary.json")))["step"] == 16
@@ -181,10 +181,10 @@ def test_elastic_resume_between_one_and_two_ranks(train_shards, tmp_path):
                         "train.resume=latest"], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=300)
     check(p)
-    assert "elastic resume: checkpoint from 2 ranks" in p.stdout and "at step 2" in p.stdout
+    assert "elastic resume: checkpoint from 2 ranks" in p.stderr and "at step 2" in p.stderr
     p = torchrun("train/main.py", args + ["train.steps=6", "train.resume=latest"])
     check(p)
-    assert "elastic resume: checkpoint from 1 ranks" in p.stdout and "at step 4" in p.stdout
+    assert "elastic resume: checkpoint from 1 ranks" in p.stderr and "at step 4" in p.stderr
     final = json.load(open(os.path.join(out, "summary.json")))
     assert final["step"] == 6 and final["samples_seen"] > summary["samples_seen"]
     state = json.load(open(os.path.join(out, "checkpoints", "step_00000006",

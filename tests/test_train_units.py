@@ -155,7 +155,7 @@ def test_skipping_nonfinite_steps_stops_a_diverged_run():
     from train.trainer import NonFiniteError, Trainer
 
     cfg = load_config(None, ["train.on_nonfinite=skip", "train.max_skipped_in_a_row=3"])
-    t = SimpleNamespace(cfg=cfg, skipped_steps=0, skipped_in_a_row=0)
+    t = SimpleNamespace(cfg=cfg, skipped_steps=0, skipped_in_a_row=0, is_main=True)
     Trainer._nonfinite(t, "step 1")
     Trainer._nonfinite(t, "step 2")
     t.skipped_in_a_row = 0  # a good step in between resets the run of skips

@@ -22,8 +22,11 @@ import sys
 
 import torch
 
+from data_prep.logs import get_logger
 from data_prep.util import atomic_write_bytes, atomic_write_json
 from train.errors import EXIT_CHECKPOINT, CheckpointError
+
+log = get_logger(__name__)
 
 
 class CheckpointManager:
@@ -179,7 +182,7 @@ class CheckpointManager:
                "is removed at the next start")
         if self.world == 1:
             raise CheckpointError(msg) from err
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        log.error(msg)  # this rank's own failure: logged whatever its rank
         if self.on_exit is not None:
             self.on_exit()
         sys.stdout.flush()

@@ -44,11 +44,17 @@ def main(argv=None, make_trainer=None) -> int:
     install_stop_handlers()  # before the slow imports: a SIGTERM during start-up is kept
     stop_with_launcher()
     args = parse_args(argv)
-    from train.config import describe, load_config
+    from train.config import ConfigError, describe, load_config
 
     if args.help_config:
         print(describe())
         return 0
+    from data_prep.logs import get_logger, log_collective_error, setup_logging
+
+    # the launcher's environment gives the rank before Accelerate exists
+    setup_logging(rank=int(os.environ.get("RANK", "0")),
+                  world=int(os.environ.get("WORLD_SIZE", "1")))
+    log = get_logger("train.main")
     setup_cpu_deepspeed()
     from train.errors import EXIT_FAILURE, exit_code
     from train.trainer import Trainer
@@ -61,17 +67,20 @@ def main(argv=None, make_trainer=None) -> int:
     except Exception as e:
         code = exit_code(e)
         if code is not None:
-            print(f"error: {e}", file=sys.stderr)
+            if isinstance(e, ConfigError):  # the same config, the same message on every rank
+                log_collective_error(log, str(e))
+            else:  # data, non-finite, checkpoint: each rank says what it saw itself
+                log.error(str(e))
             return code
         if trainer is None or ("timed out" not in str(e).lower()
                                and "timeout" not in str(e).lower()):
             raise
         first = str(e).splitlines()[0][:300]
-        print(f"error: rank {trainer.rank} waited {cfg.train.collective_timeout_s} s for the "
-              f"other ranks after step {trainer.step} ({first}); another rank stopped "
-              "answering (hung I/O, a lost node): see its log. The last checkpoint is "
-              "intact; resume with train.resume=latest (train.collective_timeout_s sets the "
-              "wait)", file=sys.stderr)
+        log.error(f"rank {trainer.rank} waited {cfg.train.collective_timeout_s} s for the "
+                  f"other ranks after step {trainer.step} ({first}); another rank stopped "
+                  "answering (hung I/O, a lost node): see its log. The last checkpoint is "
+                  "intact; resume with train.resume=latest (train.collective_timeout_s sets "
+                  "the wait)")
         return EXIT_FAILURE
     return 0
 

@@ -30,6 +30,7 @@ import time
 import torch
 import yaml
 
+from data_prep.logs import get_logger
 from data_prep.tempo import L2_ORDER
 from data_prep.util import atomic_write_bytes, atomic_write_json
 from train.checkpoint import CheckpointManager
@@ -42,6 +43,8 @@ from train.model import build_model, count_parameters
 from train.optim import build_optimizer, lr_lambda
 from train.runtime import install_stop_handlers, stop_signal
 from train.telemetry import NullSink, TensorBoardSink
+
+log = get_logger(__name__)
 
 __all__ = ["Trainer", "StepResult", "NonFiniteError", "CheckpointError", "EXIT_NONFINITE",
            "EXIT_CHECKPOINT", "lr_lambda", "make_accelerator", "format_summary"]
@@ -337,8 +340,8 @@ class Trainer:
         return [b * self.lr_at(step) for b in self.scheduler.base_lrs]
 
     def _log(self, msg: str) -> None:
-        if self.is_main:
-            print(msg, flush=True)
+        """An INFO line (shown by rank 0; see data_prep.logs)."""
+        log.info(msg)
 
     def save_checkpoint(self) -> str:
         rank_state = {"generator": self.gen.get_state(),
@@ -434,8 +437,8 @@ class Trainer:
             raise NonFiniteError(msg + "; set train.on_nonfinite=skip to skip such steps")
         self.skipped_steps += 1
         self.skipped_in_a_row += 1
-        print(f"warning: skipped step ({self.skipped_steps} so far): {msg}", file=sys.stderr,
-              flush=True)
+        if self.is_main:  # every rank skips the same step
+            log.warning(f"skipped step ({self.skipped_steps} so far): {msg}")
         if self.skipped_in_a_row >= self.cfg.train.max_skipped_in_a_row:
             raise NonFiniteError(f"{self.skipped_in_a_row} steps in a row were non-finite "
                                  f"(train.max_skipped_in_a_row); last: {msg}. The run has "
@@ -545,7 +548,7 @@ class Trainer:
                    "val": self.last_val}
         if self.is_main:
             atomic_write_json(os.path.join(self.out_dir, "summary.json"), summary)
-            self._log(format_summary(summary))
+            print(format_summary(summary), flush=True)  # the run's result, on stdout
             self.sink.close()
         return summary
 
@@ -613,7 +616,7 @@ class Trainer:
         bar.set_postfix(loss=f"{vals['loss']:.4g}", l1=f"{vals.get('recon_l1', 0):.3f}",
                         tiles_s=f"{tiles_per_s:.1f}")
         if errors and self.is_main:
-            print(f"step {self.step}: skipped samples so far: {errors}", file=sys.stderr)
+            log.warning(f"step {self.step}: skipped samples so far: {errors}")
         window.update(t0=time.perf_counter(), wait=0.0, results=[])
 
     def _write_val(self, res: dict) -> None:
