@@ -4,7 +4,8 @@ Both run the same model, batch and loss on the same in-memory batch (the loader 
 benchmarked separately by bench_loader.py), interleaved, best of --repeats:
 
   ours   Trainer.train_step: accelerate (DeepSpeed when launched with a DeepSpeed config),
-         loss terms, the per-step all-reduce of stop/non-finite flags, clipping, scheduler
+         loss terms normalised over the step (its counts all-reduced), the all-reduce of
+         stop/non-finite flags, clipping, scheduler
   bare   model -> VAELoss -> backward -> clip_grad_norm_ -> AdamW step, plain PyTorch, in
          the "--bare-precision" (fp32 = the research setup)
 
@@ -92,6 +93,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     batch = {"l1": torch.randn(b, c, t, t, generator=g).half(),
              "l2_t": torch.randn(b, 4, t, t, generator=g), "valid": torch.ones(b, dtype=bool),
+             "geo": torch.zeros(b, 4, t, t),
              "keys": [f"k{i}" for i in range(b)]}
 
     bare = build_model(cfg.model, cfg.loss).to(dev)
@@ -113,7 +115,7 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
 
     def ours_step():
-        trainer.train_step(batch)
+        trainer.train_step([batch])  # one optimizer step of one micro-batch
 
     def sync():
         if torch.cuda.is_available():

@@ -26,10 +26,13 @@ from tqdm import tqdm
 
 from data_prep import samples
 from data_prep.granule import normalise
+from data_prep.logs import get_logger, setup_logging
 from data_prep.make_shards import SPLITS, parse_size, split_granules
 from data_prep.stats import DatasetStats, log_radiance
 from data_prep.tempo import L2_ORDER
 from data_prep.util import argument_parser, atomic_write_json
+
+log = get_logger(__name__)
 
 DEFAULT_SCALES = {"NO2": 1e15, "O3TOT": 1.0, "HCHO": 1e16, "CLDO4": 1.0}
 
@@ -85,6 +88,7 @@ def main(argv=None) -> int:
                         "NO2=1e15, HCHO=1e16, others 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     args = p.parse_args(argv)
+    setup_logging()
     scales = dict(DEFAULT_SCALES)
     for item in args.l2_scale:
         k, _, v = item.partition("=")
@@ -98,16 +102,14 @@ def main(argv=None) -> int:
         p.error(f"input folder {args.input_dir} does not exist")
     names = sorted(f[:-3] for f in os.listdir(args.input_dir) if f.endswith(".pt"))
     if not names:
-        print(f"error: no .pt files in {args.input_dir}", file=sys.stderr)
+        log.error(f"no .pt files in {args.input_dir}")
         return 2
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
         if not args.overwrite:
-            print(f"error: {args.out_dir} is not empty; use a new folder or --overwrite",
-                  file=sys.stderr)
+            log.error(f"{args.out_dir} is not empty; use a new folder or --overwrite")
             return 2
         if not os.path.exists(os.path.join(args.out_dir, "sizes.json")):
-            print(f"error: {args.out_dir} is not a shard folder; refusing to overwrite it",
-                  file=sys.stderr)
+            log.error(f"{args.out_dir} is not a shard folder; refusing to overwrite it")
             return 2
         shutil.rmtree(args.out_dir)
     # sample keys cannot hold '.', so dotted names (granule_2024.06.01_S012G01) get a key
@@ -119,15 +121,15 @@ def main(argv=None) -> int:
     clash = {k: v for k, v in by_key.items() if len(v) > 1}
     if clash:
         for k, v in clash.items():
-            print(f"error: files {', '.join(f + '.pt' for f in v)} would all get the sample "
-                  f"key '{k}'; rename one", file=sys.stderr)
+            log.error(f"files {', '.join(f + '.pt' for f in v)} would all get the sample "
+                  f"key '{k}'; rename one")
         return 2
     split = split_granules(names, args.val_fraction, args.seed)
 
     # pass 1: stats from the training files
     stats = None
     errors: dict[str, str] = {}
-    for name in tqdm([n for n in names if split[n] == "train"], desc="stats", file=sys.stderr):
+    for name in tqdm([n for n in names if split[n] == "train"], desc="stats"):
         try:
             rad, l2, _ = load_file(args.input_dir, name, scales)
         except ConvertError as e:
@@ -142,9 +144,9 @@ def main(argv=None) -> int:
         else:
             stats.merge(st)
     if stats is None:
-        print("error: no training file could be read", file=sys.stderr)
+        log.error("no training file could be read")
         for e in errors.values():
-            print(f"error: {e}", file=sys.stderr)
+            log.error(f"{e}")
         return 1
     stats_json = stats.to_json()
     mean = np.asarray(stats_json["l1"]["mean"], np.float32)
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
         counts: dict[str, int] = {}
         writer = wds.ShardWriter(os.path.join(tmp, f"{s}-%06d.tar"), maxsize=args.shard_size,
                                  encoder=False, verbose=0, mtime=0.0)
-        for name in tqdm([n for n in names if split[n] == s], desc=s, file=sys.stderr):
+        for name in tqdm([n for n in names if split[n] == s], desc=s):
             try:
                 rad, l2, missing = load_file(args.input_dir, name, scales)
             except ConvertError as e:
@@ -199,10 +201,10 @@ def main(argv=None) -> int:
         "counts": {"written": len(tiles), "per_split": per_split, "dropped": {},
                    "file_errors": len(errors)},
         "file_errors": errors, "tiles": tiles})
-    print(f"{len(tiles)} tiles from {len(names) - len(errors)} files -> {args.out_dir} "
+    log.info(f"{len(tiles)} tiles from {len(names) - len(errors)} files -> {args.out_dir} "
           f"({per_split}); file errors: {len(errors)}")
     for e in errors.values():
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"{e}")
     return 1 if errors else 0
 
 

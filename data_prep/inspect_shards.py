@@ -19,7 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import samples
+from data_prep.logs import get_logger, setup_logging
 from data_prep.util import argument_parser, read_json
+
+log = get_logger(__name__)
 
 
 def iter_tar_samples(path: str):
@@ -108,12 +111,13 @@ def main(argv=None) -> int:
                                      "(with sizes.json and manifest.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    setup_logging()
     summary, problems = inspect(args.shard_dir, not args.quiet)
     print(f"{args.shard_dir}: {summary.get('shards', 0)} shards, samples {summary.get('samples')}, "
           f"l1 shape {summary.get('l1_shape')}, granules {summary.get('granules')}, "
           f"L2 invalid fraction {summary.get('l2_invalid_fraction')}")
     for pr in problems:
-        print(f"problem: {pr}", file=sys.stderr)
+        log.error(f"problem: {pr}")
     print("OK" if not problems else f"{len(problems)} problems")
     return 1 if problems else 0
 

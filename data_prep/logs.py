@@ -25,6 +25,19 @@ LEVEL_ENV = "TEMPO_VAE_LOG_LEVEL"
 _state = {"rank": 0}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (pytest's capture,
+    a redirect made after set-up), not to the stream that was current at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 class _RankFilter(logging.Filter):
     def __init__(self, prefix: str):
         super().__init__()
@@ -56,7 +69,7 @@ def setup_logging(rank: int = 0, world: int = 1, verbose: bool = False,
             raise ValueError(f"{LEVEL_ENV}={forced!r} is not a logging level "
                              "(DEBUG, INFO, WARNING, ERROR)")
         level = logging.getLevelNamesMapping()[forced]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(_RankFilter(f"[rank {rank}/{world}] " if world > 1 else ""))
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(levelname)s %(rank_prefix)s%(name)s: %(message)s",

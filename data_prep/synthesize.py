@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import physics
+from data_prep.logs import get_logger, setup_logging
 from data_prep.tempo import (
     CLDO4_FILL,
     FLOAT_FILL,
@@ -41,6 +42,8 @@ from data_prep.tempo import (
     utc_to_tempo_time,
 )
 from data_prep.util import argument_parser
+
+log = get_logger(__name__)
 
 PRODUCT_TITLES = {"NO2": "nitrogen dioxide", "O3TOT": "total ozone", "HCHO": "formaldehyde",
                   "CLDO4": "cloud"}
@@ -439,6 +442,7 @@ def parse_args(argv=None):
                    help="UTC time of the first granule")
     p.add_argument("--compress", action="store_true", help="zlib-compress radiance")
     args = p.parse_args(argv)
+    setup_logging()
     for k in ("granules", "mirror_steps", "xtrack", "channels"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -472,7 +476,7 @@ def main(argv=None) -> int:
         gid = GranuleId(t.strftime("%Y%m%dT%H%M%SZ"), scan, gran)
         first_step += write_granule(args.out_dir, gid, i, args, sampled, wl, rng, args.compress,
                                     spectra.source, first_step)
-    print(f"wrote {args.granules} granules ({args.mirror_steps}x{args.xtrack}x{args.channels}, "
+    log.info(f"wrote {args.granules} granules ({args.mirror_steps}x{args.xtrack}x{args.channels}, "
           f"spectra: {spectra.source}) to {args.out_dir} in {time.time() - t_start:.1f}s")
     return 0
 

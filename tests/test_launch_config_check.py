@@ -40,4 +40,4 @@ def test_launcher_exits_2_before_importing_accelerate():
                         "--config", DEMO, "optim.lrr=1e-3"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2, p.stderr
-    assert "error: unknown key optim.lrr" in p.stderr
+    assert "ERROR train.launch: unknown key optim.lrr" in p.stderr

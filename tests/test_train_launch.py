@@ -52,7 +52,7 @@ def test_zero2_two_processes_train_checkpoint_and_resume(train_shards, tmp_path)
     args = ["--config", DEMO] + tiny_overrides(train_shards, out)
     p = launch(cfg, "train/main.py", args + ["train.steps=12", "train.ckpt_every=6"])
     check(p)
-    assert "2 ranks; deepspeed=True precision=bf16" in p.stdout
+    assert "2 ranks; deepspeed=True precision=bf16" in p.stderr
     loss = [v for _, v in scalars(out, "train/recon_l1")]
     assert len(loss) == 12 and all(map(lambda v: v == v, loss))  # finite
     assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3  # it learns on the tiny set
@@ -67,7 +67,7 @@ def test_zero2_two_processes_train_checkpoint_and_resume(train_shards, tmp_path)
     p = launch(cfg, "train/main.py", args + ["train.steps=16", "train.ckpt_every=0",
                                              "train.resume=latest"])
     check(p)
-    assert "resumed from" in p.stdout and "at step 12" in p.stdout
+    assert "resumed from" in p.stderr and "at step 12" in p.stderr
     steps = [s for s, _ in scalars(out, "train/loss")]
     assert max(steps) == 16 and 13 in steps
     assert json.load(open(os.path.join(out, "summary.json")))["step"] == 16
@@ -132,3 +132,62 @@ def test_two_machines_on_localhost(train_shards, tmp_path):
     assert "2 ranks" in outs[0][0]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["step"] == 4 and summary["samples_seen"] > 0
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def torchrun(script, args, nproc=2, timeout=400):
+    """`torchrun` with Accelerate's DDP on CPU (gloo): the non-DeepSpeed multi-rank path."""
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env() | {"ACCELERATE_USE_CPU": "true"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_ranks_give_the_one_process_step_gradient(train_shards, tmp_path):
+    """The same 4 tiles (NaN-heavy targets, one padding tile): 1 process x batch 4 and
+    2 ranks (DDP) x 1 micro-batch of 2 or x 2 micro-batches of 1 give the same gradient of
+    every loss term."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+    from step_gradients import TERMS, step_gradients
+
+    from train.config import load_config
+
+    args = tiny_overrides(train_shards, str(tmp_path / "run")) + ["optim.grad_clip=0",
+                                                                  "data.batch_size=2"]
+    out = str(tmp_path / "grads.pt")
+    p = torchrun("tests/helpers/step_gradients.py", [out, "1,2", DEMO] + args)
+    check(p)
+    ranks = torch.load(out)
+    ref = step_gradients(load_config(DEMO, args), 1)
+    for accum in (1, 2):
+        for term in TERMS:
+            a, b = ref[term], ranks[accum][term]
+            assert a.keys() == b.keys() and a, term
+            err = max(float((a[k] - b[k]).abs().max()) for k in a)
+            scale = max(float(v.abs().max()) for v in a.values())
+            assert err <= 1e-5 * scale, (accum, term, err / scale)
+
+
+def test_elastic_resume_between_one_and_two_ranks(train_shards, tmp_path):
+    """DDP: 2 ranks stop mid-epoch, 1 process resumes, 2 ranks resume again; each resume
+    continues the step count, the schedule and the sample count."""
+    out = str(tmp_path / "run")
+    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+        "optim.schedule=cosine", "train.ckpt_every=0"]
+    check(torchrun("train/main.py", args + ["train.steps=2"]))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    p = subprocess.run([sys.executable, "train/main.py", *args, "train.steps=4",
+                        "train.resume=latest"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    check(p)
+    assert "elastic resume: checkpoint from 2 ranks" in p.stderr and "at step 2" in p.stderr
+    p = torchrun("train/main.py", args + ["train.steps=6", "train.resume=latest"])
+    check(p)
+    assert "elastic resume: checkpoint from 1 ranks" in p.stderr and "at step 4" in p.stderr
+    final = json.load(open(os.path.join(out, "summary.json")))
+    assert final["step"] == 6 and final["samples_seen"] > summary["samples_seen"]
+    state = json.load(open(os.path.join(out, "checkpoints", "step_00000006",
+                                        "trainer_state.json")))
+    assert state["world_size"] == 2 and state["scheduler"]["last_epoch"] == 6
+    assert [s for s, _ in scalars(out, "train/loss")][-2:] == [5, 6]

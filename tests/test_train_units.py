@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 
@@ -53,11 +54,11 @@ def test_loss_terms_masking_and_zero_valid():
     t2 = loss(out | {"recon": out["recon"]}, x2, l22, valid)
     for k in t:
         assert torch.allclose(t[k], t2[k]), k
-    # nll by hand: sum over valid samples of (|x - x_hat| / e^s + s) / batch size
+    # nll by hand: sum over real samples of (|x - x_hat| / e^s + s) / real samples
     s = 0.5
-    want = sum(((x[i] - out["recon"][i]).abs() / math.exp(s) + s).sum() for i in (0, 1)) / 3
+    want = sum(((x[i] - out["recon"][i]).abs() / math.exp(s) + s).sum() for i in (0, 1)) / 2
     assert t["nll"] == pytest.approx(float(want), rel=1e-5)
-    kl = (out["kl"][0] + out["kl"][1]) / 3
+    kl = (out["kl"][0] + out["kl"][1]) / 2
     total = t["nll"] + 0.01 * kl + 1.0 * t["l2/NO2"] + 2.0 * t["l2/HCHO"] + 0.5 * t["l2/CLDO4"]
     assert t["loss"] == pytest.approx(float(total), rel=1e-5)
 
@@ -159,7 +160,7 @@ def test_skipping_nonfinite_steps_stops_a_diverged_run():
     from train.trainer import NonFiniteError, Trainer
 
     cfg = load_config(None, ["train.on_nonfinite=skip", "train.max_skipped_in_a_row=3"])
-    t = SimpleNamespace(cfg=cfg, skipped_steps=0, skipped_in_a_row=0)
+    t = SimpleNamespace(cfg=cfg, skipped_steps=0, skipped_in_a_row=0, is_main=True)
     Trainer._nonfinite(t, "step 1")
     Trainer._nonfinite(t, "step 2")
     t.skipped_in_a_row = 0  # a good step in between resets the run of skips
@@ -187,3 +188,169 @@ def test_a_stop_signal_sent_before_a_rank_started_is_inherited():
                               text=True, env=os.environ | env, check=True).stdout.strip()
     assert run(TEMPO_VAE_STOP_SIGNAL="10") == "10"
     assert run() == "None"
+
+
+def _tiny_cfg(train_shards, tmp_path, *extra):
+    from conftest import tiny_overrides
+
+    p = os.path.join(ROOT, "configs", "training", "demo.yaml")
+    return load_config(p, tiny_overrides(train_shards, str(tmp_path / "run"))
+                       + ["optim.grad_clip=0", "data.batch_size=2", *extra])
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    num = max(float((a[k] - b[k]).abs().max()) for k in a)
+    return num / max(float(v.abs().max()) for v in a.values())
+
+
+def test_step_gradient_is_the_same_for_one_batch_or_micro_batches(train_shards, tmp_path):
+    """The same 4 tiles (NaN-heavy targets, one padding tile) as one batch of 4 or as two
+    micro-batches of 2: the same gradient for every loss term, within fp32 rounding."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+    from step_gradients import TERMS, step_gradients
+
+    cfg = _tiny_cfg(train_shards, tmp_path)
+    one = step_gradients(cfg, 1)
+    trainer_cfg = _tiny_cfg(train_shards, tmp_path, "optim.grad_accum=2")
+    two = step_gradients(trainer_cfg, 2)
+    for term in TERMS:
+        assert one[term].keys() == two[term].keys() and one[term], term
+        assert _max_rel_diff(one[term], two[term]) < 1e-5, term
+    # the check has teeth: each micro-batch normalised by its own counts differs
+    own = step_gradients(trainer_cfg, 2, own_counts=True)
+    for term in ("nll", "kl", "l2/NO2"):
+        assert _max_rel_diff(one[term], own[term]) > 0.05, term
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_elastic_resume_continues_the_epoch_with_exactly_the_unseen_samples(train_shards, mode):
+    """2 ranks x 2 workers consume 2 batches each and stop; 1 rank x 1 worker with another
+    batch size resumes, stops again, and 3 ranks finish the epoch: every training sample
+    exactly once (epoch mode), and the next epoch is a normal one."""
+    import json
+
+    from train.config import DataConfig
+    from train.data import build_loader
+
+    sizes = json.load(open(os.path.join(train_shards, "sizes.json")))
+    total = sum(n for k, n in sizes.items() if k.startswith("train/"))
+    base = DataConfig(shards=train_shards, batch_size=3, num_workers=2, shuffle_buffer=6,
+                      shuffle_initial=3, mode=mode, samples_per_epoch=40)
+
+    def run(world, workers, batch, position, layout, stop_after=None):
+        c = dataclasses.replace(base, num_workers=workers, batch_size=batch)
+        keys, lens = [], set()
+        for rank in range(world):
+            loader = build_loader(c, "train", rank, world)
+            if position is not None:
+                loader.restore(position, layout, {})
+            lens.add(len(loader))
+            for i, b in enumerate(loader):
+                keys += [k for k, v in zip(b["keys"], b["valid"].tolist()) if v]
+                if i + 1 == stop_after:
+                    break
+        assert len(lens) == 1  # every rank the same number of batches
+        return keys, loader.position(), loader.layout(), lens.pop()
+
+    import dataclasses
+
+    k1, pos, lay, _ = run(2, 2, 3, None, None, stop_after=2)
+    assert pos == {"epoch": 0, "batches_consumed": 2, "segments": []} and len(k1) > 6
+    k2, pos, lay, _ = run(1, 0, 4, pos, lay, stop_after=1)
+    assert len(pos["segments"]) == 1 and pos["batches_consumed"] == 1
+    k3, pos, lay, n3 = run(3, 1, 2, pos, lay)
+    if mode == "epoch":
+        seen = k1 + k2 + k3
+        assert len(seen) == len(set(seen)) == total  # each sample exactly once
+    else:  # the epoch's nominal length, in whole batches of the last layout
+        assert 40 <= len(k1 + k2 + k3) < 40 + 3 * 2
+    # after the resumed epoch, the next one is a normal one
+    c = dataclasses.replace(base, num_workers=1, batch_size=2)
+    loader = build_loader(c, "train", 0, 3)
+    loader.restore(pos, lay, {})
+    assert len(loader) >= n3
+
+
+class _OneProcess:
+    """The part of an Accelerator the checkpoint manager uses, for one process."""
+    process_index, num_processes, is_main_process, device = 0, 1, True, "cpu"
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "model.bin"), "wb") as f:
+            f.write(b"\0" * 1000)
+
+
+def test_checkpoint_manager_saves_rotates_and_never_moves_latest_on_failure(tmp_path):
+    import errno
+
+    from train.checkpoint import CheckpointManager
+    from train.errors import CheckpointError
+
+    d = str(tmp_path / "checkpoints")
+    m = CheckpointManager(_OneProcess(), d, keep_last=2, n_params=10)
+    assert m.resolve("latest", log=lambda s: None) is None
+    for step in (1, 2, 3):
+        m.save(step, {"rank": 0}, {"step": step}, "a: 1\n")
+    assert sorted(os.listdir(d)) == ["latest", "step_00000002", "step_00000003"]
+    assert m.resolve("latest") == os.path.join(d, "step_00000003")
+    assert torch.load(os.path.join(d, "step_00000003", "trainer_rank0.pt")) == {"rank": 0}
+    # a full disk found before writing: nothing written, latest unchanged
+    full = CheckpointManager(_OneProcess(), d, 2, 10, disk_usage=lambda p: type(
+        __import__("shutil").disk_usage(p))(100, 100, 0))
+    with pytest.raises(CheckpointError, match="step_00000004 .*0.00 GB free.*step_00000003, "
+                                               "is intact"):
+        full.save(4, {}, {"step": 4}, "")
+    assert not os.path.exists(os.path.join(d, "step_00000004.partial"))
+
+    def enospc(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    broken = CheckpointManager(_OneProcess(), d, 2, 10, save_file=enospc)
+    with pytest.raises(CheckpointError, match="could not be written on rank 0: .*No space"):
+        broken.save(5, {}, {"step": 5}, "")
+    assert open(os.path.join(d, "latest")).read().strip() == "step_00000003"
+    assert os.path.isdir(os.path.join(d, "step_00000005.partial"))
+    logged = []
+    m.remove_partial(logged.append)
+    assert not os.path.exists(os.path.join(d, "step_00000005.partial")) and logged
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        m.resolve(str(tmp_path))
+
+
+def test_one_process_fit_counts_every_micro_batch_and_follows_the_schedule(train_shards,
+                                                                         tmp_path):
+    """grad_accum=2, warmup + cosine: samples_seen is every real tile of every micro-batch,
+    the schedule advances once per optimizer step (train/lr of step s = lr x f(s - 1))."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.data import build_loader
+    from train.optim import lr_lambda
+    from train.trainer import Trainer
+
+    cfg = _tiny_cfg(train_shards, tmp_path, "optim.grad_accum=2", "optim.schedule=cosine",
+                    "optim.warmup_steps=2", "optim.lr=1e-3", "train.steps=5",
+                    "train.ckpt_every=0", "data.batch_size=4")
+    summary = Trainer(cfg).fit()
+    want, left, epoch = 0, 10, 0
+    loader = build_loader(cfg.data, "train")
+    while left:
+        loader.set_epoch(epoch)
+        for b in loader:
+            want, left = want + int(b["valid"].sum()), left - 1
+            if not left:
+                break
+        epoch += 1
+    assert summary["samples_seen"] == want and want > 10 * 4 // 2
+    ev = EventAccumulator(os.path.join(cfg.train.output_dir, "tb"))
+    ev.Reload()
+    f = lr_lambda(cfg)
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in ev.Scalars("train/lr")] == \
+        [(s, 1e-3 * f(s - 1)) for s in range(1, 6)]
+    state = json.load(open(os.path.join(cfg.train.output_dir, "checkpoints", "step_00000005",
+                                        "trainer_state.json")))
+    assert state["scheduler"]["last_epoch"] == 5 and state["samples_seen"] == want

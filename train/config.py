@@ -132,7 +132,9 @@ class TrainConfig:
     seed: int = F(0, "seed of model initialisation and posterior sampling")
     log_every: int = F(10, "steps between log lines / scalars")
     val_every: int = F(200, "steps between validations (0: only at the end)")
-    val_batches: int = F(0, "validation batches per rank (0: the whole validation split)")
+    val_batches: int = F(0, "validation batches per rank (0: the whole validation split, "
+                            "each tile once whatever the number of ranks; > 0: the tiles "
+                            "validated depend on the number of ranks)")
     ckpt_every: int = F(500, "steps between checkpoints (0: only at the end)")
     keep_last: int = F(3, "checkpoints kept")
     resume: str = F("", "'' (fresh), 'latest', or a checkpoint folder")

@@ -39,6 +39,9 @@ from train.runtime import STOP_SIGNALS
 from train.transforms import L2Transform
 
 SPLIT_IDS = {"train": 0, "val": 1}
+# every reason a sample or shard can be skipped for (samples.SampleError and the reader)
+ERROR_REASONS = ("bad_array", "missing_members", "bad_json", "nonfinite_l1", "unreadable_shard",
+                 "size_mismatch", "bad_sample")
 LAZY_MIN_BYTES = 1 << 20  # members this large stay on disk until read into their batch
 
 
@@ -136,6 +139,12 @@ class ShardStream(IterableDataset):
         self.transform = transform or L2Transform(shards.stats["l2"])
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already consumed (resume)
+        # elastic resume: samples of this epoch consumed under an earlier layout (shard ->
+        # keys), the nominal samples they stand for (resampled mode), and how many such
+        # earlier segments there were (a fresh random stream for each)
+        self.exclude: dict[str, set[str]] = {}
+        self.excluded_nominal = 0
+        self.segment = 0
         if self.mode not in ("epoch", "resampled"):
             raise DataError(f"data.mode must be 'epoch' or 'resampled', not {self.mode!r}")
         if self.mode == "epoch" and train and len(shards.sizes) < self.slots:
@@ -149,19 +158,29 @@ class ShardStream(IterableDataset):
 
     # -- sizes -------------------------------------------------------------------------
     def batches_per_slot(self, epoch: int) -> int:
+        """Batches of each slot in ``epoch``; in an epoch resumed under another layout, those
+        that cover the samples not consumed yet (0 when none is left)."""
         b = self.batch_size
+        resumed = self.segment > 0 and epoch == self.epoch
         if self.mode == "resampled":
             n = self.cfg.samples_per_epoch or self.shards.total
+            if resumed:
+                return max(0, math.ceil((n - self.excluded_nominal) / (self.slots * b)))
             return max(1, math.ceil(n / (self.slots * b)))
         plan = plan_epoch(self.shards.sizes, self.slots, self.cfg.seed + 1000 * self.train,
                           epoch)
-        return max(1, max(math.ceil(sum(self.shards.sizes[s] for s in p) / b) for p in plan))
+        left = [sum(self.shards.sizes[s] - (len(self.exclude.get(s, ())) if resumed else 0)
+                    for s in p) for p in plan]
+        n = max(math.ceil(k / b) for k in left)
+        return n if resumed else max(1, n)
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (the same on every rank)."""
         return self.batches_per_slot(self.epoch) * self.workers
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if epoch != self.epoch:
+            self.exclude, self.excluded_nominal, self.segment = {}, 0, 0
         self.epoch, self.skip_batches = epoch, skip_batches
 
     # -- stages --------------------------------------------------------------------------
@@ -180,10 +199,13 @@ class ShardStream(IterableDataset):
         for name in shard_names:
             path = os.path.join(self.shards.root, name)
             want = self.shards.sizes[name]
+            seen = self.exclude.get(name, ()) if self.segment else ()
             n = 0
             try:
                 for raw in samples.iter_tar(path, LAZY_MIN_BYTES):
                     n += 1
+                    if raw.get("__key__") in seen:
+                        continue  # consumed before an elastic resume
                     raw["__shard__"] = name
                     yield raw
             except samples.ShardError as e:
@@ -340,12 +362,22 @@ class ShardStream(IterableDataset):
         n_workers = info.num_workers if info is not None else 1
         if n_workers != self.workers:
             raise DataError(f"loader built for {self.workers} workers but runs with {n_workers}")
+        yield from self._batches(worker)
+
+    def _batches(self, worker: int, consumed: set | None = None,
+                 n_consumed: int | None = None) -> Iterator[dict]:
+        """The batches of one worker slot of this rank. With ``consumed`` (a set), yield
+        nothing: add (shard, key) of every sample of the slot's first ``n_consumed`` batches
+        (what a run that stopped there had consumed) to it."""
         slot = self.rank * self.workers + worker
         split_id = SPLIT_IDS.get(self.shards.split, 2)
-        rng = slot_rng(self.cfg.seed, self.epoch, self.rank, worker, split_id)
+        rng = slot_rng(self.cfg.seed, self.epoch, self.rank, worker, split_id,
+                       *((self.segment,) if self.segment else ()))
         n_batches = self.batches_per_slot(self.epoch)
         # batches of this worker among the first `skip_batches` of the rank (round robin)
         skip = max(0, (self.skip_batches - worker + self.workers - 1) // self.workers)
+        if consumed is not None:
+            n_batches = skip = min(n_batches, n_consumed or 0)
         counters: dict[str, int] = {}
         stream = self._shuffled(self._tar_samples(self._shard_sequence(slot, rng), counters), rng)
         b = self.batch_size
@@ -359,6 +391,8 @@ class ShardStream(IterableDataset):
                 # resumed run sees exactly the same random stream
                 k, flip = (int(rng.integers(4)), bool(rng.integers(2))) \
                     if self.train and self.cfg.augment else (0, False)
+                if consumed is not None:  # a failed sample is not read again either
+                    consumed.add((raw["__shard__"], raw.get("__key__")))
                 try:
                     s = self._decode(raw)  # also when skipping: errors shape the batches
                 except samples.SampleError as e:
@@ -382,10 +416,44 @@ class ShardStream(IterableDataset):
             counters.clear()
 
 
+def consumed_samples(shards: ShardSet, cfg, epoch: int, segments: list[dict]
+                     ) -> tuple[dict[str, set[str]], int]:
+    """The training samples of ``epoch`` consumed by earlier runs of it, as shard -> keys,
+    and the nominal sample count they stand for (resampled mode). ``segments``: in order,
+    the layouts that ran this epoch ({world_size, num_workers, batch_size, batches}:
+    batches consumed per rank under that layout). Replays each segment's sample order
+    (headers and small members only; no L1 payload is read): deterministic, so every rank
+    finds the same set."""
+    exclude: dict[str, set[str]] = {}
+    nominal = 0
+    for n, seg in enumerate(segments):
+        world, workers = int(seg["world_size"]), int(seg["num_workers"])
+        b = int(seg["batch_size"])
+        nominal += int(seg["batches"]) * world * b
+        if cfg.mode == "resampled":
+            continue
+        seg_cfg = dataclasses.replace(cfg, batch_size=b, num_workers=workers)
+        found: set = set()
+        for rank in range(world):
+            stream = ShardStream(shards, seg_cfg, rank, world, train=True)
+            stream.set_epoch(epoch)
+            stream.exclude, stream.segment = exclude, n
+            for worker in range(workers):
+                mine = max(0, (int(seg["batches"]) - worker + workers - 1) // workers)
+                for _ in stream._batches(worker, found, mine):
+                    pass
+        exclude = {k: set(v) for k, v in exclude.items()}
+        for shard, key in found:
+            exclude.setdefault(shard, set()).add(key)
+    return exclude, nominal
+
+
 @dataclasses.dataclass
 class LoaderState:
     epoch: int = 0
-    batches_consumed: int = 0  # in the current epoch, on this rank
+    batches_consumed: int = 0  # in the current epoch, on this rank (the same on every rank)
+    # earlier parts of this epoch run under other layouts (see consumed_samples)
+    segments: list = dataclasses.field(default_factory=list)
 
 
 class ShardLoader:
@@ -401,17 +469,60 @@ class ShardLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.state = LoaderState(epoch, 0)
+        self.dataset.set_epoch(epoch)
+
+    def layout(self) -> dict:
+        """What the sample order of an epoch depends on besides seeds and shards."""
+        d = self.dataset
+        return {"world_size": d.world, "num_workers": d.workers, "batch_size": d.batch_size}
 
     def state_dict(self) -> dict:
-        return dataclasses.asdict(self.state) | {"errors": dict(self.errors)}
+        return self.position() | {"errors": dict(self.errors)}
+
+    def position(self) -> dict:
+        """Where the run is in its data, the same on every rank: the epoch, the batches
+        this layout consumed in it, and the earlier layouts' segments of it."""
+        return {"epoch": self.state.epoch, "batches_consumed": self.state.batches_consumed,
+                "segments": [dict(s) for s in self.state.segments]}
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = LoaderState(int(d["epoch"]), int(d["batches_consumed"]))
+        """Same layout as the one that saved ``d``: continue exactly where it stopped."""
+        self.state = LoaderState(int(d["epoch"]), int(d["batches_consumed"]),
+                                 [dict(s) for s in d.get("segments", [])])
         self.errors = dict(d.get("errors", {}))
+        self._apply_segments()
+
+    def restore(self, position: dict, layout: dict, errors: dict) -> None:
+        """Continue from ``position`` saved under ``layout`` (world_size, num_workers,
+        batch_size of the run that saved it). The same layout continues the sample stream
+        exactly; another one continues the epoch with every sample it has not consumed yet,
+        each exactly once (elastic resumption), then starts the next epoch as usual."""
+        mine = self.layout()
+        old = {k: layout.get(k) for k in mine}
+        if old == mine or old["world_size"] is None:
+            self.load_state_dict(position | {"errors": errors})
+            return
+        segments = [dict(s) for s in position.get("segments", [])]
+        if int(position["batches_consumed"]):
+            segments.append(old | {"batches": int(position["batches_consumed"])})
+        self.state = LoaderState(int(position["epoch"]), 0, segments)
+        self.errors = dict(errors)
+        self._apply_segments()
+
+    def _apply_segments(self) -> None:
+        d = self.dataset
+        d.set_epoch(self.state.epoch, self.state.batches_consumed)
+        if not self.state.segments:
+            return
+        d.exclude, d.excluded_nominal = consumed_samples(d.shards, d.cfg, self.state.epoch,
+                                                         self.state.segments)
+        d.segment = len(self.state.segments)
 
     def __iter__(self) -> Iterator[dict]:
         """Yield the rest of the current epoch, counting what is consumed."""
         self.dataset.set_epoch(self.state.epoch, self.state.batches_consumed)
+        if self.state.batches_consumed >= len(self.dataset):
+            return
         nw = self.cfg.num_workers
         loader = DataLoader(self.dataset, batch_size=None, num_workers=nw,
                             pin_memory=self.cfg.pin_memory,

@@ -28,7 +28,10 @@ import subprocess
 import sys
 import threading
 
+from data_prep.logs import get_logger, setup_logging
 from train.runtime import STOP_ENV, STOP_SIGNALS
+
+log = get_logger(__name__)
 
 DEFAULT_GRACE_S = 900.0
 
@@ -138,9 +141,10 @@ def main(argv=None) -> int:
         print(__doc__)
         print("Options of `accelerate launch` follow.\n", flush=True)
     else:
+        setup_logging()
         problem = check_run_config(argv)
         if problem:
-            print(f"error: {problem}", file=sys.stderr)
+            log.error(problem)
             return 2
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -156,13 +160,12 @@ def main(argv=None) -> int:
         code = failure.exitcode if failure.exitcode > 0 else 1
         how = (f"exit code {failure.exitcode}" if failure.exitcode > 0
                else f"signal {failure.signal_name()}")
-        print(f"train.launch: rank {rank} failed ({how}); exiting {code}", file=sys.stderr)
+        log.error(f"rank {rank} failed ({how}); exiting {code}")
         return 1 if fwd.killed else code
     except subprocess.CalledProcessError as e:  # Accelerate's single-process launcher
         return 1 if fwd.killed else (e.returncode if e.returncode > 0 else 1)
     if fwd.signal is not None:
-        print(f"train.launch: stopped by {signal.Signals(fwd.signal).name} after a checkpoint",
-              file=sys.stderr)
+        log.info(f"stopped by {signal.Signals(fwd.signal).name} after a checkpoint")
     return 0
 
 

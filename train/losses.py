@@ -1,13 +1,20 @@
-"""VAE + L2 loss with named terms, computed in fp32 over valid samples only.
+"""VAE + L2 loss with named terms, computed in fp32 over real samples only, normalised over
+the whole optimizer step.
 
-    nll   = sum over (C, H, W) of rec / exp(s) + s, s the learned scalar log-variance,
-            rec = |x - x_hat| (l1) or (x - x_hat)^2 (l2); summed over valid samples and
-            divided by the nominal batch size (the research code's normalisation)
-    kl    = kl_weight x sum of KL(q(z|x) || N(0, I)) over valid samples / batch size
-    l2/P  = weight_P x mean over valid latent cells of (pred - target)^2, targets in model
-            space pooled NaN-aware to the latent grid; exactly 0 when nothing is valid
+For one optimizer step (every micro-batch on every rank), with N the number of real
+samples (``valid``) and C_P the number of latent cells with a target for product P, both
+counted over the whole step:
 
-Padding samples (``valid=False``) contribute nothing to any term.
+    nll   = sum over real samples of sum over (C, H, W) of (rec / exp(s) + s) / N,
+            s the learned scalar log-variance, rec = |x - x_hat| (l1) or (x - x_hat)^2 (l2)
+    kl    = kl_weight x sum over real samples of KL(q(z|x) || N(0, I)) / N
+    l2/P  = weight_P x sum over valid latent cells of (pred - target)^2 / C_P, targets in
+            model space pooled NaN-aware to the latent grid; exactly 0 when C_P = 0
+
+A micro-batch's terms are its share of these sums (its own sums over the step's
+denominators ``StepCounts``), so the terms of all micro-batches on all ranks add up to the
+step's objective however the global batch is split: as token-count normalisation in
+language-model trainers. Padding samples (``valid=False``) contribute nothing.
 
 ``loss.recon_reduction`` = 'mean' divides the VAE part (nll + kl_weight x kl) by the elements
 of a tile, C x H x W: a per-element likelihood, so the L2 weights are relative to a
@@ -15,13 +22,20 @@ reconstruction of order 1 whatever the tile size and channel count, and the scal
 log-variance's gradient is a mean (order 1) instead of a sum over ~1e5-1e6 elements. 'sum'
 is the research code's objective. The balance between VAE and L2 in the ratio of the
 weights is otherwise the same: 'mean' equals 'sum' with every L2 weight x C x H x W.
+``loss.l2_share`` > 0 multiplies every L2 term by one factor ``l2_balance`` (see
+``VAELoss.rebalance``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from data_prep.tempo import L2_ORDER
+
+# terms that are not shares of a sum (reported as they are, not added over micro-batches)
+NOT_ADDITIVE = ("rec_logvar",)
 
 
 def nan_pool(x: torch.Tensor, factor: int, min_valid_fraction: float) -> torch.Tensor:
@@ -65,6 +79,27 @@ def encoder_gradient_shares(contributions: dict[str, torch.Tensor],
     return out
 
 
+@dataclasses.dataclass
+class StepCounts:
+    """Denominators of one optimizer step: real samples and, per product (L2_ORDER), latent
+    cells with a target, summed over every micro-batch of the step on every rank."""
+    samples: float
+    cells: list[float]
+
+    def as_tensor(self, device=None) -> torch.Tensor:
+        """(1 + len(L2_ORDER),) float64: samples, then cells per product."""
+        return torch.tensor([self.samples, *self.cells], dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> StepCounts:
+        v = [float(x) for x in t.tolist()]
+        return cls(v[0], v[1:])
+
+    def __add__(self, other: StepCounts) -> StepCounts:
+        return StepCounts(self.samples + other.samples,
+                          [a + b for a, b in zip(self.cells, other.cells)])
+
+
 class VAELoss:
     """Owns the loss weights; ``__call__`` returns a dict of named fp32 terms and 'loss'."""
 
@@ -78,35 +113,54 @@ class VAELoss:
     def supervised(self) -> bool:
         return any(w != 0 for w in self.l2_weights)
 
+    def _target_mask(self, l2_t: torch.Tensor, valid: torch.Tensor, latent: int):
+        """Targets pooled to the (latent x latent) grid and the mask of cells that have one
+        (finite target, real sample): (B, 4, latent, latent) each."""
+        factor = l2_t.shape[-1] // latent
+        target = nan_pool(l2_t.float(), factor, self.cfg.l2_min_valid_fraction)
+        mask = torch.isfinite(target) & valid.to(torch.bool)[:, None, None, None]
+        return target, mask
+
+    def counts(self, l2_t: torch.Tensor, valid: torch.Tensor, latent: int) -> StepCounts:
+        """This micro-batch's real samples and cells with a target per product, for a latent
+        grid of ``latent`` x ``latent`` cells. l2_t: (B, 4, H, W) model-space targets."""
+        _, mask = self._target_mask(l2_t, valid, latent)
+        return StepCounts(float(valid.sum()), [float(c) for c in mask.sum(dim=(0, 2, 3))])
+
     def __call__(self, out: dict, x: torch.Tensor, l2_t: torch.Tensor,
-                 valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        b = x.shape[0]
+                 valid: torch.Tensor, norm: StepCounts | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """Terms of this micro-batch as shares of the step's objective, over ``norm`` (the
+        step's StepCounts; default: this micro-batch alone). x: (B, C, H, W) input, out: the
+        model output, l2_t: (B, 4, H, W) model-space targets (NaN: none), valid: (B,)."""
         w = valid.to(torch.float32)  # (B,)
         x = x.float()
         recon = out["recon"].float()
+        latent = out["l2_pred"].shape[-1] if "l2_pred" in out else 1
+        if norm is None:
+            norm = self.counts(l2_t, valid, latent)
+        n = max(norm.samples, 1.0)
         diff = (x - recon).abs() if self.cfg.recon == "l1" else (x - recon).pow(2)
         per_sample = diff.sum(dim=(1, 2, 3))  # (B,)
         s = out["rec_logvar"].float()
         n_el = x[0].numel()
-        nll = ((per_sample / torch.exp(s) + s * n_el) * w).sum() / b
-        kl = (out["kl"].float() * w).sum() / b
-        n_valid = w.sum().clamp(min=1)
+        nll = ((per_sample / torch.exp(s) + s * n_el) * w).sum() / n
+        kl = (out["kl"].float() * w).sum() / n
         terms = {
             "nll": nll,
             "kl": kl,
-            "recon_" + self.cfg.recon: (per_sample * w).sum() / (n_valid * n_el),
+            "recon_" + self.cfg.recon: (per_sample * w).sum() / (n * n_el),
             "rec_logvar": s.detach(),
         }
         scale = 1.0 / n_el if self.cfg.recon_reduction == "mean" else 1.0
         loss = scale * (nll + self.cfg.kl_weight * kl)
         if "l2_pred" in out:
             pred = out["l2_pred"].float()  # (B, 4, h, w)
-            factor = l2_t.shape[-1] // pred.shape[-1]
-            target = nan_pool(l2_t.float(), factor, self.cfg.l2_min_valid_fraction)
-            mask = torch.isfinite(target) & valid[:, None, None, None]
+            target, mask = self._target_mask(l2_t, valid, latent)
             err = torch.where(mask, pred - torch.nan_to_num(target), torch.zeros_like(pred))
-            count = mask.sum(dim=(0, 2, 3))  # (4,)
-            per_product = err.pow(2).sum(dim=(0, 2, 3)) / count.clamp(min=1)
+            cells = torch.tensor(norm.cells, dtype=torch.float32, device=pred.device)
+            per_product = err.pow(2).sum(dim=(0, 2, 3)) / cells.clamp(min=1)
+            count = mask.sum(dim=(0, 2, 3))
             for i, p in enumerate(L2_ORDER):
                 terms[f"l2/{p}"] = per_product[i]
                 terms[f"l2/{p}_valid_cells"] = count[i].float()

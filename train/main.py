@@ -38,7 +38,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, make_trainer=None) -> int:
+    """Run from the command line; ``make_trainer(cfg)`` replaces ``Trainer(cfg)`` (tests
+    inject faults through the trainer's constructor seams)."""
     install_stop_handlers()  # before the slow imports: a SIGTERM during start-up is kept
     stop_with_launcher()
     args = parse_args(argv)
@@ -47,39 +49,39 @@ def main(argv=None) -> int:
     if args.help_config:
         print(describe())
         return 0
+    from data_prep.logs import get_logger, log_collective_error, setup_logging
+
+    # the launcher's environment gives the rank before Accelerate exists
+    setup_logging(rank=int(os.environ.get("RANK", "0")),
+                  world=int(os.environ.get("WORLD_SIZE", "1")))
+    log = get_logger("train.main")
     setup_cpu_deepspeed()
-    from train.data import DataError
+    from train.errors import EXIT_FAILURE, exit_code
     from train.trainer import Trainer
 
+    trainer = cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from train.trainer import EXIT_CHECKPOINT, EXIT_NONFINITE, CheckpointError, NonFiniteError
-
-    try:
+        trainer = (make_trainer or Trainer)(cfg)
         trainer.fit()
-    except ConfigError as e:  # e.g. resuming with an incompatible model config
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECKPOINT
-    except RuntimeError as e:
-        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+    except Exception as e:
+        code = exit_code(e)
+        if code is not None:
+            if isinstance(e, ConfigError):  # the same config, the same message on every rank
+                log_collective_error(log, str(e))
+            else:  # data, non-finite, checkpoint: each rank says what it saw itself
+                log.error(str(e))
+            return code
+        if trainer is None or ("timed out" not in str(e).lower()
+                               and "timeout" not in str(e).lower()):
             raise
         first = str(e).splitlines()[0][:300]
-        print(f"error: rank {trainer.rank} waited {cfg.train.collective_timeout_s} s for the "
-              f"other ranks after step {trainer.step} ({first}); another rank stopped "
-              "answering (hung I/O, a lost node): see its log. The last checkpoint is "
-              "intact; resume with train.resume=latest (train.collective_timeout_s sets the "
-              "wait)", file=sys.stderr)
-        return 1
+        log.error(f"rank {trainer.rank} waited {cfg.train.collective_timeout_s} s for the "
+                  f"other ranks after step {trainer.step} ({first}); another rank stopped "
+                  "answering (hung I/O, a lost node): see its log. The last checkpoint is "
+                  "intact; resume with train.resume=latest (train.collective_timeout_s sets "
+                  "the wait)")
+        return EXIT_FAILURE
     return 0
 
 

@@ -1,11 +1,24 @@
 """The training loop: Accelerate (+ DeepSpeed ZeRO 1/2/3 or DDP or one process), bf16,
 gradient accumulation and clipping, warmup + cosine, validation in physical units,
-TensorBoard, atomic rotating checkpoints, exact resume, and graceful preemption."""
+TensorBoard, atomic rotating checkpoints, exact and elastic resume, graceful preemption.
+
+One optimizer step optimises the same objective whatever the number of ranks N and the
+accumulation A: the step's A micro-batches are read first on every rank, their real
+samples and valid L2 cells are summed over all ranks in one all-reduce, and every term of
+every micro-batch is normalised by those step totals (``train.losses``). The averaging
+over ranks and accumulation steps that DDP, DeepSpeed and Accelerate apply is undone by a
+factor N x A on each micro-batch loss, so the update is the gradient of the step's
+objective. The schedule is stepped once per optimizer step (``train.optim``), and a stop
+request is honoured only between optimizer steps.
+
+Pieces: ``train.checkpoint`` (storage), ``train.optim`` (optimizer, schedule),
+``train.telemetry`` (TensorBoard), ``train.errors`` (failures and exit codes).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import glob
 import json
 import math
 import os
@@ -17,17 +30,29 @@ import time
 import torch
 import yaml
 
+from data_prep.logs import get_logger
 from data_prep.tempo import L2_ORDER
 from data_prep.util import atomic_write_bytes, atomic_write_json
+from train.checkpoint import CheckpointManager
 from train.config import Config, ConfigError, dump, to_dict
-from train.data import build_loader
-from train.losses import build_loss
+from train.data import ERROR_REASONS, build_loader
+from train.errors import EXIT_CHECKPOINT, EXIT_NONFINITE, CheckpointError, NonFiniteError
+from train.losses import NOT_ADDITIVE, StepCounts, build_loss, encoder_gradient_shares
 from train.metrics import ValMetrics
 from train.model import build_model, count_parameters
+from train.optim import build_optimizer, lr_lambda
 from train.runtime import install_stop_handlers, stop_signal
+from train.telemetry import NullSink, TensorBoardSink
+
+log = get_logger(__name__)
+
+__all__ = ["Trainer", "StepResult", "NonFiniteError", "CheckpointError", "EXIT_NONFINITE",
+           "EXIT_CHECKPOINT", "lr_lambda", "make_accelerator", "format_summary"]
 
 # dense bf16 peak TFLOP/s by device name fragment (vendor datasheets)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# step values that are the same on every rank (not shares of a sum over ranks)
+SAME_ON_ALL_RANKS = (*NOT_ADDITIVE, "grad_norm")
 
 
 def make_accelerator(cfg: Config):
@@ -42,19 +67,6 @@ def make_accelerator(cfg: Config):
         handler = InitProcessGroupKwargs(timeout=timeout)
     return Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum,
                        kwargs_handlers=[handler])
-
-
-def lr_lambda(cfg):
-    o, total = cfg.optim, cfg.train.steps
-
-    def f(step: int) -> float:
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        t = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    return f
 
 
 def train_flops_per_sample(model_cfg) -> float:
@@ -72,20 +84,46 @@ def train_flops_per_sample(model_cfg) -> float:
     return float(counter.get_total_flops())
 
 
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient with train.on_nonfinite=raise (exit code 3)."""
+def latent_size(model_cfg) -> int:
+    """Side of the latent grid: the tile halves between encoder levels."""
+    return model_cfg.tile_size // 2 ** (len(model_cfg.channels) - 1)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the previous one is intact (exit code 4)."""
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step. ``terms``: this rank's shares of the step's loss terms (detached
+    tensors; their sum over ranks is the step's value, except SAME_ON_ALL_RANKS);
+    ``counts``: real samples and valid L2 cells of the step, all ranks; ``lr``: the
+    learning rate the step used; ``skipped``: dropped as non-finite; ``stop``: a rank
+    received a stop signal (every rank agrees)."""
+    terms: dict
+    counts: StepCounts
+    lr: float
+    skipped: bool = False
+    stop: bool = False
 
 
-EXIT_NONFINITE = 3
-EXIT_CHECKPOINT = 4
+def _launcher_source(key: str) -> str | None:
+    """Where Accelerate took a DeepSpeed value from, when not from the JSON: the
+    `accelerate launch` option or the accelerate config file, passed as an environment
+    variable."""
+    env = {"gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+           "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING"}.get(key)
+    if env and os.environ.get(env, "auto") != "auto":
+        opt = "--" + key
+        return (f"`accelerate launch {opt} {os.environ[env]}` (or {key} in the accelerate "
+                f"config file; it reaches the ranks as {env}) sets it; drop that option")
+    return None
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator=None):
+    """Wires the run together. Seams for tests: ``accelerator``, ``build_model_fn``
+    (``(model_cfg, loss_cfg) -> module``), ``loss_fn``, ``stop_fn`` (returns a signal
+    number or None) and ``checkpoint_io`` (keyword arguments of CheckpointManager, e.g.
+    ``disk_usage``, ``save_file``) replace the defaults."""
+
+    def __init__(self, cfg: Config, accelerator=None, build_model_fn=None, loss_fn=None,
+                 stop_fn=None, checkpoint_io: dict | None = None):
         from accelerate.utils import DistributedType, set_seed
 
         self.cfg = cfg
@@ -93,8 +131,8 @@ class Trainer:
         acc = self.acc
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
+        self.stop_fn = stop_fn or stop_signal
         self.out_dir = cfg.train.output_dir
-        self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         set_seed(cfg.train.seed)  # identical initialisation on every rank
 
         self.train_loader = build_loader(cfg.data, "train", self.rank, self.world)
@@ -106,52 +144,48 @@ class Trainer:
                               f"{cfg.data.shards} have {n_ch} channels; set model.in_channels="
                               f"{n_ch}")
 
-        self.model = build_model(cfg.model, cfg.loss)
+        self.model = (build_model_fn or build_model)(cfg.model, cfg.loss)
         if cfg.model.spectral_input == "highpass":
             self._init_spectral_scales()
         self.n_params = count_parameters(self.model)
-        self.loss_fn = build_loss(cfg.loss)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.loss_fn = loss_fn or build_loss(cfg.loss)
+        self.latent = latent_size(cfg.model)
+        optimizer, self.scheduler = build_optimizer(self.model, cfg)
+        self.lr_at = lr_lambda(cfg)
 
+        if acc.gradient_accumulation_steps != cfg.optim.grad_accum:
+            src = _launcher_source("gradient_accumulation_steps") or "the Accelerator"
+            raise ConfigError(f"gradient accumulation {acc.gradient_accumulation_steps} from "
+                              f"{src}, but optim.grad_accum={cfg.optim.grad_accum}: the run "
+                              "config sets the accumulation")
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.ds_config: dict = {}
         if self.deepspeed:
-            ds = acc.state.deepspeed_plugin.deepspeed_config
-            mb = cfg.data.batch_size
-            ours = {"train_micro_batch_size_per_gpu": (mb, "data.batch_size"),
-                    "gradient_accumulation_steps": (o.grad_accum, "optim.grad_accum"),
-                    "train_batch_size": (mb * o.grad_accum * self.world,
-                                         f"data.batch_size x optim.grad_accum x {self.world} "
-                                         "ranks"),
-                    "gradient_clipping": (o.grad_clip, "optim.grad_clip")}
-            for key, (value, source) in ours.items():
-                theirs = ds.get(key, "auto")
-                if theirs != "auto" and theirs != value:
-                    raise ConfigError(
-                        f"the DeepSpeed config sets {key}={theirs} but {source} gives {value} "
-                        "(DeepSpeed requires train_batch_size = micro batch x accumulation x "
-                        f"ranks); set {key} to \"auto\" in the DeepSpeed JSON (the trainer "
-                        f"fills it) or change {source.split(' ')[0]}")
-                ds[key] = value
+            self.ds_config = self._reconcile_deepspeed()
+        self.ckpt = CheckpointManager(acc, os.path.join(self.out_dir, "checkpoints"),
+                                      cfg.train.keep_last, self.n_params,
+                                      on_exit=lambda: self.sink.flush(),
+                                      **(checkpoint_io or {}))
+        self.resume_path = self.ckpt.resolve(cfg.train.resume, self._log)
+        self.resume_state = None
+        self.universal: str | None = None  # DeepSpeed tag to load re-partitioned, see resume
+        if self.resume_path:
+            self.resume_state = self._check_resume(self.resume_path)
         # the scalar reconstruction log-variance is clipped apart unless optim.clip_logvar
         self.clip_params = [p for n, p in self.model.named_parameters()
-                            if o.clip_logvar or n != "logvar"]
-        zero3 = self.deepspeed and acc.state.deepspeed_plugin.zero_stage == 3
-        self.grad_shares = cfg.train.grad_shares and not zero3
+                            if cfg.optim.clip_logvar or n != "logvar"]
+        zero3 = self.deepspeed and \
+            int(self.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
         if cfg.loss.l2_share > 0 and zero3:
             raise ConfigError("loss.l2_share > 0 measures gradients at the encoder output, "
                               "which ZeRO-3 cannot do: set loss.l2_share=0 (fixed "
                               "loss.l2_weights) or use ZeRO-1/2")
+        self.grad_shares = cfg.train.grad_shares and not zero3
         if cfg.train.grad_shares and zero3:
             self._log("note: train.grad_shares is not computed under ZeRO-3 (partitioned "
                       "parameters cannot be re-entered for a partial backward)")
-        self.model, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
+        # the scheduler is not prepared: see train.optim
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.in_dtype = torch.bfloat16 if (self.deepspeed and acc.mixed_precision == "bf16") \
             else torch.float32
 
@@ -162,16 +196,42 @@ class Trainer:
         self.samples_seen = 0
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
-        self._balance_due = True  # re-set the L2 factor (loss.l2_share) at the next step
-        self._ckpt_bytes: int | None = None  # see _checkpoint_bytes
         self.last_val: dict = {}
-        self.writer = None
+        self.sink = NullSink()
         self.flops_per_sample = train_flops_per_sample(cfg.model)
         peak = cfg.train.peak_tflops
         if not peak and torch.cuda.is_available():
             name = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
         self.peak_flops = peak * 1e12
+
+    # ------------------------------------------------------------------ set-up
+    def _reconcile_deepspeed(self) -> dict:
+        """Fill the DeepSpeed values the run config owns; stop (ConfigError) when the JSON or
+        the launcher fixed one to another value, naming where it came from."""
+        cfg, acc = self.cfg, self.acc
+        plugin = acc.state.deepspeed_plugin
+        ds = plugin.deepspeed_config
+        json_path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed JSON")
+        mb, o = cfg.data.batch_size, cfg.optim
+        ours = {"train_micro_batch_size_per_gpu": (mb, "data.batch_size"),
+                "gradient_accumulation_steps": (o.grad_accum, "optim.grad_accum"),
+                "train_batch_size": (mb * o.grad_accum * self.world,
+                                     f"data.batch_size x optim.grad_accum x {self.world} "
+                                     "ranks"),
+                "gradient_clipping": (o.grad_clip, "optim.grad_clip")}
+        for key, (value, source) in ours.items():
+            theirs = ds.get(key, "auto")
+            if theirs != "auto" and theirs != value:
+                launcher = _launcher_source(key)
+                where = launcher or (f"{json_path} sets {key}={theirs}; set it to \"auto\" "
+                                     "there (the trainer fills it)")
+                raise ConfigError(
+                    f"DeepSpeed {key}={theirs} but {source} gives {value} (DeepSpeed "
+                    "requires train_batch_size = micro batch x accumulation x ranks): "
+                    f"{where}, or change {source.split(' ')[0]}")
+            ds[key] = value
+        return ds
 
     def _init_spectral_scales(self) -> None:
         """Input scales of model.spectral_input='highpass' from the first training batch as
@@ -190,155 +250,27 @@ class Trainer:
                                         torch.tensor(stats["wavelength_nm"]), x)
 
     # ------------------------------------------------------------------ state
+    def _layout(self) -> dict:
+        """What a checkpoint's sharded files and loader position depend on."""
+        return {"world_size": self.world, "num_workers": max(1, self.cfg.data.num_workers),
+                "batch_size": self.cfg.data.batch_size, "grad_accum": self.cfg.optim.grad_accum,
+                "deepspeed": self.deepspeed,
+                "zero_stage": int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+                if self.deepspeed else None}
+
     def state_dict(self) -> dict:
+        """The JSON trainer state (main process): world-size independent."""
         return {"step": self.step, "samples_seen": self.samples_seen,
                 "skipped_steps": self.skipped_steps, "l2_balance": self.loss_fn.l2_balance,
-                "loader": self.train_loader.state_dict(), "last_val": self.last_val}
+                "scheduler": {"last_epoch": self.scheduler.last_epoch,
+                              "base_lrs": list(self.scheduler.base_lrs)},
+                "loader": self.train_loader.position(),
+                "data_errors": self._data_errors(),
+                "last_val": self.last_val} | self._layout()
 
-    def load_state_dict(self, d: dict) -> None:
-        self.step = int(d["step"])
-        self.samples_seen = int(d["samples_seen"])
-        self.skipped_steps = int(d.get("skipped_steps", 0))
-        self.loss_fn.l2_balance = float(d.get("l2_balance", 1.0))
-        self._balance_due = self.step % self.cfg.loss.l2_share_every == 0
-        self.train_loader.load_state_dict(d["loader"])
-        self.last_val = d.get("last_val", {})
-
-    # ------------------------------------------------------------------ checkpoints
-    def _log(self, msg: str) -> None:
-        if self.is_main:
-            print(msg, flush=True)
-
-    def save_checkpoint(self) -> str:
-        """Write ``step_N.partial`` on every rank, then (rank 0) rename it to ``step_N`` and
-        point ``latest`` at it. A checkpoint that cannot be written never touches ``latest``:
-        a full or unwritable disk found beforehand stops every rank together with
-        CheckpointError; a write that fails midway stops the job from the failing rank."""
-        acc = self.acc
-        name = f"step_{self.step:08d}"
-        final = os.path.join(self.ckpt_dir, name)
-        tmp = final + ".partial"
-        self._preflight(name)
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        try:
-            acc.save_state(tmp)  # every rank (DeepSpeed shards its states)
-            torch.save({"generator": self.gen.get_state(),
-                        "loader": self.train_loader.state_dict()},
-                       os.path.join(tmp, f"trainer_rank{self.rank}.pt"))
-        except Exception as e:
-            self._abort_save(name, e)
-        acc.wait_for_everyone()
-        if self.is_main:
-            try:
-                atomic_write_json(os.path.join(tmp, "trainer_state.json"),
-                                  self.state_dict() | {"world_size": self.world})
-                atomic_write_bytes(os.path.join(tmp, "config.yaml"), dump(self.cfg).encode())
-                if os.path.exists(final):
-                    shutil.rmtree(final)
-                os.replace(tmp, final)  # complete: only now does it get its real name
-                atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"),
-                                   (name + "\n").encode())
-            except Exception as e:
-                self._abort_save(name, e)
-            self._rotate(keep=name)
-        acc.wait_for_everyone()
-        return final
-
-    def _last_checkpoint(self) -> str | None:
-        try:
-            name = open(os.path.join(self.ckpt_dir, "latest")).read().strip()
-        except OSError:
-            return None
-        return os.path.join(self.ckpt_dir, name) if name else None
-
-    def _intact(self) -> str:
-        last = self._last_checkpoint()
-        return (f"the last complete checkpoint, {last}, is intact (train.resume=latest)"
-                if last else "there is no earlier checkpoint")
-
-    def _checkpoint_bytes(self) -> int:
-        """Room one more checkpoint needs: the size of the last one (measured once per
-        process: every checkpoint of a run has the same tensors), or, before the first, 16
-        bytes per parameter (weights, fp32 master copy and two Adam moments)."""
-        if self._ckpt_bytes is None:
-            last = self._last_checkpoint()
-            if not (last and os.path.isdir(last)):
-                return 16 * self.n_params
-            self._ckpt_bytes = sum(os.path.getsize(os.path.join(d, f))
-                                   for d, _, files in os.walk(last) for f in files)
-        return self._ckpt_bytes
-
-    def _preflight(self, name: str) -> None:
-        """Every rank checks that it can write the checkpoint folder and that it has room
-        for one more checkpoint; all ranks agree before anything is written."""
-        problem = ""
-        try:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-            probe = os.path.join(self.ckpt_dir, f".write_test.rank{self.rank}")
-            with open(probe, "wb") as f:
-                f.write(b"ok")
-            os.remove(probe)
-            need = int(self._checkpoint_bytes() * 1.05) + (16 << 20)
-            free = shutil.disk_usage(self.ckpt_dir).free
-            if free < need:
-                problem = (f"{free / 1e9:.2f} GB free in {self.ckpt_dir}, a checkpoint needs "
-                           f"about {need / 1e9:.2f} GB")
-        except OSError as e:
-            problem = f"cannot write to {self.ckpt_dir}: {e}"
-        flags = torch.tensor([float(bool(problem))], device=self.acc.device)
-        if self.world > 1:
-            flags = self.acc.reduce(flags, reduction="sum")
-        if flags.item() > 0:
-            where = f"rank {self.rank}: {problem}" if problem else "a problem on another rank"
-            raise CheckpointError(
-                f"cannot save checkpoint {name} ({where}); {self._intact()}. Free space (or "
-                "lower train.keep_last) or set train.output_dir to a writable place, then "
-                "resume")
-
-    def _abort_save(self, name: str, err: Exception) -> None:
-        """A write failed midway on this rank. The other ranks are inside the save's
-        collectives and cannot be told, so with several ranks this one exits at once and the
-        launcher stops the rest; ``latest`` still names the previous checkpoint."""
-        if isinstance(err, OSError):
-            what = f"could not be written on rank {self.rank}: {err}"
-        else:  # typically a collective broken by a peer that failed to write
-            first = str(err).splitlines()[0][:300] if str(err) else ""
-            what = (f"was interrupted on rank {self.rank} ({type(err).__name__}: {first}); a "
-                    "write error reported by another rank is the likely cause")
-        msg = (f"checkpoint {name} {what}; {self._intact()}; the incomplete {name}.partial "
-               "is removed at the next start")
-        if self.world == 1:
-            raise CheckpointError(msg) from err
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        if self.writer is not None:
-            self.writer.flush()
-        sys.stdout.flush()
-        os._exit(EXIT_CHECKPOINT)
-
-    def _rotate(self, keep: str) -> None:
-        done = sorted(d for d in os.listdir(self.ckpt_dir)
-                      if d.startswith("step_") and not d.endswith(".partial"))
-        for d in done[:-self.cfg.train.keep_last] if self.cfg.train.keep_last > 0 else []:
-            if d != keep:
-                shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
-
-    def resolve_resume(self) -> str | None:
-        r = self.cfg.train.resume
-        if not r:
-            return None
-        if r == "latest":
-            p = os.path.join(self.ckpt_dir, "latest")
-            if not os.path.exists(p):
-                self._log(f"resume=latest: no checkpoint in {self.ckpt_dir}; starting fresh")
-                return None
-            r = os.path.join(self.ckpt_dir, open(p).read().strip())
-        if not os.path.isdir(r) or not os.path.exists(os.path.join(r, "trainer_state.json")):
-            raise ConfigError(f"train.resume: {r} is not a complete checkpoint folder")
-        return r
-
-    def resume(self, path: str) -> None:
+    def _check_resume(self, path: str) -> dict:
+        """Read a checkpoint's state and check it can be resumed here, before anything is
+        loaded (ConfigError: exit 2, naming the fix)."""
         saved = yaml.safe_load(open(os.path.join(path, "config.yaml")))
         now = to_dict(self.cfg)
         for section in ("model",):
@@ -349,26 +281,105 @@ class Trainer:
                     f"cannot resume from {path}: its {section} config differs in {diff}; "
                     "use the checkpoint's config.yaml or start a new output_dir")
         state = json.load(open(os.path.join(path, "trainer_state.json")))
-        if state.get("world_size") not in (None, self.world):
-            self._log(f"note: checkpoint from {state['world_size']} ranks, resuming on "
-                      f"{self.world}: the data order differs from an uninterrupted run")
-        self.acc.load_state(path)
-        self.load_state_dict(state)
+        state.setdefault("world_size", None)
+        self.universal = None
+        stage = self._layout()["zero_stage"]
+        other_stage = state.get("zero_stage") not in (None, stage)
+        if self.deepspeed and (state["world_size"] not in (None, self.world) or other_stage):
+            if not state.get("deepspeed", True):
+                raise ConfigError(
+                    f"cannot resume {path} (saved without DeepSpeed) under DeepSpeed: resume "
+                    "it with the launch set-up that saved it")
+            self.universal = self._universal_checkpoint(path, state["world_size"])
+        elif state.get("deepspeed") is not None and bool(state["deepspeed"]) != self.deepspeed:
+            raise ConfigError(
+                f"cannot resume {path}: saved {'with' if state['deepspeed'] else 'without'} "
+                f"DeepSpeed, resumed {'with' if self.deepspeed else 'without'} it; resume it "
+                "with the launch set-up that saved it")
+        return state
+
+    def _universal_checkpoint(self, path: str, saved_world: int) -> str:
+        """DeepSpeed's ZeRO files are partitioned per rank and stage: convert them once to
+        DeepSpeed's universal checkpoint (``pytorch_model_universal`` next to them, written
+        by the main process, atomically) and have the engine load that, re-partitioned for
+        this number of ranks and ZeRO stage."""
+        tag = "pytorch_model_universal"
+        dst = os.path.join(path, tag)
+        problem = ""
+        if self.is_main and not os.path.isdir(dst):
+            import subprocess
+
+            self._log(f"converting {path} (saved by {saved_world} ranks) to a universal "
+                      f"checkpoint for {self.world} ranks")
+            tmp = dst + ".partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            p = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                "--input_folder", os.path.join(path, "pytorch_model"),
+                                "--output_folder", tmp, "--inject_missing_state",
+                                "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                               capture_output=True, text=True)
+            if p.returncode == 0:
+                os.replace(tmp, dst)
+            else:
+                last = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+                problem = f"converting it to a universal checkpoint failed ({last})"
+        failed = self._reduce(torch.tensor([float(bool(problem))], device=self.acc.device))
+        if failed.item() > 0:  # every rank stops, before anything is loaded
+            raise ConfigError(
+                f"cannot resume {path} (saved by {saved_world} ranks) on {self.world} ranks: "
+                f"{problem or 'the conversion failed on the main process'}; resume on "
+                f"{saved_world} ranks, or convert it yourself with `python -m "
+                f"deepspeed.checkpoint.ds_to_universal --input_folder "
+                f"{os.path.join(path, 'pytorch_model')} --output_folder {dst} "
+                "--inject_missing_state`")
+        self.ds_config["checkpoint"] = {"load_universal": True}
+        return tag
+
+    def resume(self, path: str, state: dict) -> None:
+        """Load model, optimizer, RNG, schedule and loader position from ``path``."""
+        same = state.get("world_size") == self.world
+        if self.universal:  # another number of DeepSpeed ranks: re-partitioned states
+            self.model.load_checkpoint(path, tag=self.universal, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        else:
+            self.acc.load_state(path)
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.loss_fn.l2_balance = float(state.get("l2_balance", 1.0))
+        self.last_val = state.get("last_val", {})
+        self.scheduler.last_epoch = self.step  # one schedule step per optimizer step
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self._lrs(self.step)):
+            group["lr"] = lr
+        self.scheduler._last_lr = self._lrs(self.step)
+        layout = {k: state.get(k) for k in self._layout()}
+        loader = dict(state["loader"])
         rank_file = os.path.join(path, f"trainer_rank{self.rank}.pt")
-        if os.path.exists(rank_file) and state.get("world_size") == self.world:
+        if same and os.path.exists(rank_file):
             r = torch.load(rank_file, weights_only=False)
             self.gen.set_state(r["generator"])
-            self.train_loader.load_state_dict(r["loader"])
+            errors = r["loader"].get("errors", {})
+        else:  # the global counts, held by rank 0
+            errors = state.get("data_errors", {}) if self.rank == 0 else {}
+        self.train_loader.restore(loader, layout, errors)
+        if {k: layout[k] for k in self.train_loader.layout()} != self.train_loader.layout():
+            self._log(f"elastic resume: checkpoint from {state.get('world_size')} ranks x "
+                      f"{state.get('num_workers')} workers, batch {state.get('batch_size')}; "
+                      f"continuing epoch {loader['epoch']} on {self.world} ranks with "
+                      "exactly the samples it has not seen yet")
         self._log(f"resumed from {path} at step {self.step}")
 
-    # ------------------------------------------------------------------ signals
-    def _all_flags(self, nonfinite: bool) -> tuple[bool, bool]:
-        """(any rank non-finite, any rank asked to stop): one small all-reduce per step."""
-        t = torch.tensor([float(nonfinite), float(stop_signal() is not None)],
-                         device=self.acc.device)
-        if self.world > 1:
-            t = self.acc.reduce(t, reduction="sum")
-        return bool(t[0] > 0), bool(t[1] > 0)
+    def _lrs(self, step: int) -> list[float]:
+        return [b * self.lr_at(step) for b in self.scheduler.base_lrs]
+
+    def _log(self, msg: str) -> None:
+        """An INFO line (shown by rank 0; see data_prep.logs)."""
+        log.info(msg)
+
+    def save_checkpoint(self) -> str:
+        rank_state = {"generator": self.gen.get_state(),
+                      "loader": self.train_loader.state_dict()}
+        return self.ckpt.save(self.step, rank_state, self.state_dict(), dump(self.cfg))
 
     # ------------------------------------------------------------------ steps
     def _batch_to_device(self, batch):
@@ -376,62 +387,102 @@ class Trainer:
         x = batch["l1"].to(dev, non_blocking=True).to(self.in_dtype)
         return x, batch["l2_t"].to(dev), batch["valid"].to(dev), batch["geo"].to(dev)
 
-    def train_step(self, batch) -> dict | None:
-        """One micro-batch; returns loss terms (floats) when an optimizer step completed."""
-        acc, model = self.acc, self.model
-        x, l2_t, valid, geo = self._batch_to_device(batch)
-        with acc.accumulate(model):
-            out = model(x, generator=self.gen, geo=geo)
-            terms = self.loss_fn(out, x, l2_t, valid)
-            share = self.cfg.loss.l2_share
-            if share > 0 and self.loss_fn.supervised and self._balance_due:
-                norms = self.loss_fn.supervision_norms(terms, x[0].numel(), out["moments"])
-                if self.world > 1:
-                    norms = self.acc.reduce(norms, reduction="mean")
-                self.loss_fn.rebalance(norms, share)
-                terms["loss"] = self.loss_fn.total(terms, x[0].numel())
-                self._balance_due = False
-            if self.grad_shares and ((self.step + 1) % self.cfg.train.log_every == 0
-                                     or self.step == 0):
-                from train.losses import encoder_gradient_shares
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(t, reduction="sum") if self.world > 1 else t
 
-                parts = self.loss_fn.contributions(terms, x[0].numel())
-                shares = encoder_gradient_shares(parts, out["moments"])
-                terms.update({f"grad_share/{k}": v for k, v in shares.items()})
-            bad_local = not bool(torch.isfinite(terms["loss"]))
-            bad, stop = self._all_flags(bad_local)
-            if bad:
-                names = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
-                self._nonfinite(f"non-finite loss at step {self.step + 1} (rank {self.rank} "
-                                f"terms: {names or 'finite here'}; batch keys {batch['keys']})")
-                self.optimizer.zero_grad()
-                return {"_stop": stop}
-            acc.backward(terms["loss"])
-            grad_norm = None
-            if acc.sync_gradients:
-                clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = acc.clip_grad_norm_(self.clip_params, clip)
-                if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                    # the global norm: every rank takes this branch. Under DeepSpeed the
-                    # update is already dropped (ZeRO 1-3 skip a step whose gradient norm
-                    # is not finite); otherwise it is dropped here, before optimizer.step
-                    self._nonfinite(f"non-finite gradient norm ({float(grad_norm)}) at step "
-                                    f"{self.step + 1} with a finite loss; batch keys "
-                                    f"{batch['keys']} (rank {self.rank})")
+    def step_counts(self, window: list[dict]) -> StepCounts:
+        """Real samples and valid L2 cells of the step's micro-batches on every rank."""
+        local = StepCounts(0.0, [0.0] * len(L2_ORDER))
+        for b in window:
+            local = local + self.loss_fn.counts(b["l2_t"], b["valid"], self.latent)
+        return StepCounts.from_tensor(self._reduce(local.as_tensor(self.acc.device)))
+
+    def train_step(self, window: list[dict]) -> StepResult:
+        """One optimizer step over ``window`` (optim.grad_accum micro-batches)."""
+        acc, model = self.acc, self.model
+        n_micro = len(window)
+        counts = self.step_counts(window)
+        # DDP / DeepSpeed average gradients over ranks, Accelerate / DeepSpeed divide the
+        # loss by the accumulation steps: undo both, the terms are already step shares
+        scale = float(self.world * n_micro)
+        lr = float(self.scheduler.optimizer.param_groups[0]["lr"])
+        sums: dict[str, torch.Tensor] = {}
+        bad_msg, stop, skipped = None, False, False
+        acc.step = 0  # accumulation phase: the window's last micro-batch syncs
+        for j, batch in enumerate(window):
+            x, l2_t, valid, geo = self._batch_to_device(batch)
+            with acc.accumulate(model):
+                last = j == n_micro - 1
+                if acc.sync_gradients != last:
+                    raise RuntimeError(f"accumulation out of phase at micro-batch {j + 1}")
+                out = model(x, generator=self.gen, geo=geo)
+                terms = self.loss_fn(out, x, l2_t, valid, counts)
+                if j == 0:
+                    self._balance_and_shares(out, x, terms)
+                bad, stop_now = self._all_flags(not bool(torch.isfinite(terms["loss"])))
+                stop = stop or stop_now
+                if bad:
+                    names = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
+                    msg = (f"non-finite loss at step {self.step + 1} (micro-batch {j + 1} of "
+                           f"{n_micro}; rank {self.rank} terms: {names or 'finite here'}; "
+                           f"batch keys {batch['keys']})")
+                    if self.cfg.train.on_nonfinite == "raise":
+                        self._nonfinite(msg)
+                    bad_msg = bad_msg or msg
+                # with a non-finite loss the gradients are non-finite too: the step is
+                # dropped below (DeepSpeed drops it itself), and the accumulation phase of
+                # every engine stays the same as in a good step
+                acc.backward(terms["loss"] * scale)
+                for k, v in terms.items():
+                    v = v.detach()
+                    sums[k] = v if (k in NOT_ADDITIVE or k not in sums) else sums[k] + v
+                if last:
+                    clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 \
+                        else float("inf")
+                    grad_norm = acc.clip_grad_norm_(self.clip_params, clip)
+                    finite = grad_norm is None or math.isfinite(float(grad_norm))
+                    if bad_msg or not finite:
+                        # every rank takes this branch (global flags, global norm). Under
+                        # DeepSpeed the update is already dropped (ZeRO 1-3 skip a step whose
+                        # gradient norm is not finite); otherwise before optimizer.step
+                        self._nonfinite(bad_msg or (
+                            f"non-finite gradient norm ({float(grad_norm)}) at step "
+                            f"{self.step + 1} with a finite loss; batch keys "
+                            f"{batch['keys']} (rank {self.rank})"))
+                        skipped = True
+                    else:
+                        self.skipped_in_a_row = 0
+                        self.optimizer.step()
+                        self.scheduler.step()
                     self.optimizer.zero_grad()
-                    return {"_stop": stop}
-            self.skipped_in_a_row = 0
-            self._balance_due = (self.step + 1) % self.cfg.loss.l2_share_every == 0
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad()
-        # detached tensors: converted to numbers only at log steps (no per-step device sync)
-        result = {k: v.detach() for k, v in terms.items()}
-        if grad_norm is not None:
-            result["grad_norm"] = torch.as_tensor(grad_norm)
-        result["_stop"] = stop
-        result["_synced"] = acc.sync_gradients
-        return result
+                    if grad_norm is not None:
+                        sums["grad_norm"] = torch.as_tensor(float(grad_norm))
+        return StepResult(sums, counts, lr, skipped=skipped, stop=stop)
+
+    def _balance_and_shares(self, out: dict, x: torch.Tensor, terms: dict) -> None:
+        """On the step's first micro-batch: re-set the L2 factor (loss.l2_share, every
+        loss.l2_share_every steps, norms averaged over ranks; terms["loss"] recomputed) and,
+        at log steps, add each term's share of the encoder gradient to ``terms``."""
+        n_el, share = x[0].numel(), self.cfg.loss.l2_share
+        if share > 0 and self.loss_fn.supervised \
+                and self.step % self.cfg.loss.l2_share_every == 0:
+            norms = self.loss_fn.supervision_norms(terms, n_el, out["moments"])
+            if self.world > 1:
+                norms = self.acc.reduce(norms, reduction="mean")
+            self.loss_fn.rebalance(norms, share)
+            terms["loss"] = self.loss_fn.total(terms, n_el)
+        if self.grad_shares and ((self.step + 1) % self.cfg.train.log_every == 0
+                                 or self.step == 0):
+            parts = self.loss_fn.contributions(terms, n_el)
+            shares = encoder_gradient_shares(parts, out["moments"])
+            terms.update({f"grad_share/{k}": v for k, v in shares.items()})
+
+    def _all_flags(self, nonfinite: bool) -> tuple[bool, bool]:
+        """(any rank non-finite, any rank asked to stop): one small all-reduce."""
+        t = torch.tensor([float(nonfinite), float(self.stop_fn() is not None)],
+                         device=self.acc.device)
+        t = self._reduce(t)
+        return bool(t[0] > 0), bool(t[1] > 0)
 
     def _nonfinite(self, msg: str) -> None:
         """Raise (default) or count a skipped step; all ranks call this together."""
@@ -439,8 +490,8 @@ class Trainer:
             raise NonFiniteError(msg + "; set train.on_nonfinite=skip to skip such steps")
         self.skipped_steps += 1
         self.skipped_in_a_row += 1
-        print(f"warning: skipped step ({self.skipped_steps} so far): {msg}", file=sys.stderr,
-              flush=True)
+        if self.is_main:  # every rank skips the same step
+            log.warning(f"skipped step ({self.skipped_steps} so far): {msg}")
         if self.skipped_in_a_row >= self.cfg.train.max_skipped_in_a_row:
             raise NonFiniteError(f"{self.skipped_in_a_row} steps in a row were non-finite "
                                  f"(train.max_skipped_in_a_row); last: {msg}. The run has "
@@ -468,69 +519,69 @@ class Trainer:
         metrics.reduce(self.acc)
         model.train()
         res = metrics.compute()
-        if self.writer is not None and first is not None:
+        if self.is_main and first is not None:
             self._images(*first)
         return res
 
     def _images(self, x, recon, l2, pred) -> None:
         from train.viz import l2_maps_image, spectra_image
 
-        self.writer.add_image("val/spectra_input_vs_recon", spectra_image(x[0], recon[0]),
-                              self.step)
-        self.writer.add_image("val/l2_target_vs_pred", l2_maps_image(l2[0], pred[0]), self.step)
+        self.sink.image("val/spectra_input_vs_recon", spectra_image(x[0], recon[0]), self.step)
+        self.sink.image("val/l2_target_vs_pred", l2_maps_image(l2[0], pred[0]), self.step)
 
     # ------------------------------------------------------------------ loop
+    def _micro_batches(self):
+        """Training micro-batches without end, epoch after epoch, from the loader's
+        position."""
+        loader = self.train_loader
+        while True:
+            if loader.state.batches_consumed < len(loader):
+                yield from loader
+            loader.set_epoch(loader.state.epoch + 1)
+
     def fit(self) -> dict:
         acc, cfg = self.acc, self.cfg
-        path = self.resolve_resume()
-        if path:
-            self.resume(path)
+        if self.resume_path:
+            self.resume(self.resume_path, self.resume_state)
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             atomic_write_bytes(os.path.join(self.out_dir, "config.yaml"), dump(cfg).encode())
-            for stale in glob.glob(os.path.join(self.ckpt_dir, "*.partial")):
-                self._log(f"removing incomplete checkpoint {stale} (a save was interrupted)")
-                shutil.rmtree(stale, ignore_errors=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"))
+            self.sink = TensorBoardSink(self.out_dir)
+        self.ckpt.remove_partial(self._log)
         install_stop_handlers()  # main.py installs them first thing; other callers here
+        accum_dtype = self._grad_accum_dtype()
         self._log(f"model {self.n_params / 1e6:.2f}M parameters, "
                   f"{self.flops_per_sample / 1e9:.2f} GFLOP/tile (train); {self.world} ranks; "
-                  f"deepspeed={self.deepspeed} precision={acc.mixed_precision}; "
+                  f"deepspeed={self.deepspeed} precision={acc.mixed_precision}"
+                  f"{f' grad_accum_dtype={accum_dtype}' if accum_dtype else ''}; "
                   f"{self.train_loader.dataset.shards.total} train tiles, "
-                  f"{len(self.train_loader)} batches/epoch/rank")
+                  f"{len(self.train_loader)} batches/epoch/rank, "
+                  f"{cfg.optim.grad_accum} micro-batches/step")
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step",
                    disable=not (self.is_main and cfg.train.progress), file=sys.stderr,
                    dynamic_ncols=True)
-        window = {"t0": time.perf_counter(), "wait": 0.0, "tiles": 0, "terms": []}
-        stopped_by = None
+        window = {"t0": time.perf_counter(), "wait": 0.0, "results": []}
+        stopped = False
         self.model.train()
-        while self.step < cfg.train.steps and stopped_by is None:
+        batches = self._micro_batches()
+        while self.step < cfg.train.steps and not stopped:
             t_wait = time.perf_counter()
-            for batch in self.train_loader:
-                window["wait"] += time.perf_counter() - t_wait
-                window["tiles"] += int(batch["valid"].sum())
-                res = self.train_step(batch)
-                if res.get("_synced"):
-                    self.step += 1
-                    self.samples_seen += int(batch["valid"].sum()) * self.world
-                    window["terms"].append(res)
-                    bar.update(1)
-                    self._after_step(window, bar)
-                if res.get("_stop"):
-                    stopped_by = "signal"
-                    break
-                if self.step >= cfg.train.steps:
-                    break
-                t_wait = time.perf_counter()
-            else:
-                self.train_loader.set_epoch(self.train_loader.state.epoch + 1)
+            micro = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            window["wait"] += time.perf_counter() - t_wait
+            res = self.train_step(micro)
+            stopped = res.stop
+            if res.skipped:
+                continue  # not a step: the schedule, the count and the data move on
+            self.step += 1
+            self.samples_seen += int(res.counts.samples)
+            window["results"].append(res)
+            bar.update(1)
+            self._after_step(window, bar)
         bar.close()
-        if stopped_by:
-            sig = stop_signal()
+        if stopped:
+            sig = self.stop_fn()
             where = f"{signal.Signals(sig).name} here" if sig else "on another rank"
             self._log(f"stop requested (signal {where}): saving a checkpoint at step {self.step}")
             path = self.save_checkpoint()
@@ -539,6 +590,7 @@ class Trainer:
                        "skipped_steps": self.skipped_steps}
             if self.is_main:  # what a job script reads to decide whether to requeue
                 atomic_write_json(os.path.join(self.out_dir, "summary.json"), summary)
+                self.sink.close()
             return summary
         self.last_val = self.validate()
         self._write_val(self.last_val)
@@ -549,57 +601,35 @@ class Trainer:
                    "val": self.last_val}
         if self.is_main:
             atomic_write_json(os.path.join(self.out_dir, "summary.json"), summary)
-            self._log(format_summary(summary))
-            self.writer.close()
+            print(format_summary(summary), flush=True)  # the run's result, on stdout
+            self.sink.close()
         return summary
 
+    def _grad_accum_dtype(self) -> str | None:
+        """The dtype DeepSpeed accumulates gradients in (None without DeepSpeed)."""
+        if not self.deepspeed:
+            return None
+        opt = getattr(self.model, "optimizer", None)
+        dt = getattr(opt, "gradient_accumulation_dtype", None)
+        return str(dt).replace("torch.", "") if dt is not None else None
+
     def _data_errors(self) -> dict:
+        """Samples skipped per reason, all ranks (a collective: every rank calls it)."""
         counts = self.train_loader.errors
-        keys = sorted(counts)
-        if self.world > 1:
-            # same key set is not guaranteed: reduce a fixed-order vector of known reasons
-            reasons = ["bad_array", "missing_members", "bad_json", "nonfinite_l1",
-                       "unreadable_shard", "size_mismatch", "bad_sample"]
-            t = torch.tensor([float(counts.get(r, 0)) for r in reasons], device=self.acc.device)
-            t = self.acc.reduce(t, reduction="sum")
-            return {r: int(v) for r, v in zip(reasons, t.tolist()) if v}
-        return {k: counts[k] for k in keys}
+        unknown = sorted(set(counts) - set(ERROR_REASONS))
+        if unknown:
+            raise RuntimeError(f"data error reasons {unknown} missing from ERROR_REASONS")
+        if self.world == 1:
+            return {k: counts[k] for k in ERROR_REASONS if counts.get(k)}
+        t = torch.tensor([float(counts.get(r, 0)) for r in ERROR_REASONS],
+                         device=self.acc.device)
+        t = self._reduce(t)
+        return {r: int(v) for r, v in zip(ERROR_REASONS, t.tolist()) if v}
 
     def _after_step(self, window, bar) -> None:
         cfg = self.cfg
         if self.step % cfg.train.log_every == 0 or self.step == 1:
-            dt = time.perf_counter() - window["t0"]
-            terms = window["terms"]
-            keys = [k for k in terms[-1] if not k.startswith("_")]
-            mean = {k: float(torch.stack([torch.as_tensor(t[k], dtype=torch.float64).cpu()
-                                          for t in terms if k in t]).mean()) for k in keys}
-            vec = torch.tensor([mean[k] for k in keys] + [window["tiles"]], dtype=torch.float64,
-                               device=self.acc.device)
-            if self.world > 1:
-                vec = self.acc.reduce(vec, reduction="sum")
-                vec[:-1] /= self.world
-            vals = dict(zip(keys, vec[:-1].tolist()))
-            tiles_per_s = float(vec[-1]) / max(dt, 1e-9)
-            errors = self._data_errors()
-            if self.writer is not None:
-                for k, v in vals.items():
-                    self.writer.add_scalar(f"train/{k}", v, self.step)
-                self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
-                self.writer.add_scalar("train/l2_balance", self.loss_fn.l2_balance, self.step)
-                self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
-                self.writer.add_scalar("perf/tiles_per_s", tiles_per_s, self.step)
-                self.writer.add_scalar("perf/data_wait_fraction", window["wait"] / max(dt, 1e-9),
-                                       self.step)
-                if self.peak_flops:
-                    self.writer.add_scalar("perf/mfu", tiles_per_s * self.flops_per_sample
-                                           / (self.peak_flops * self.world), self.step)
-                for reason, n in errors.items():
-                    self.writer.add_scalar(f"data/skipped_{reason}", n, self.step)
-                bar.set_postfix(loss=f"{vals['loss']:.4g}", l1=f"{vals.get('recon_l1', 0):.3f}",
-                                tiles_s=f"{tiles_per_s:.1f}")
-            if errors and self.is_main:
-                print(f"step {self.step}: skipped samples so far: {errors}", file=sys.stderr)
-            window.update(t0=time.perf_counter(), wait=0.0, tiles=0, terms=[])
+            self._log_window(window, bar)
         if cfg.train.val_every and self.step % cfg.train.val_every == 0 \
                 and self.step < cfg.train.steps:
             self.last_val = self.validate()
@@ -608,13 +638,48 @@ class Trainer:
                 and self.step < cfg.train.steps:
             self.save_checkpoint()
 
+    def _log_window(self, window, bar) -> None:
+        """Means over the steps since the last log of each step's value for the whole
+        global batch (shares summed over ranks), throughput over all ranks."""
+        dt = max(time.perf_counter() - window["t0"], 1e-9)
+        results = window["results"]
+        keys = sorted({k for r in results for k in r.terms})
+        mean = torch.tensor([float(torch.stack([r.terms[k].double().cpu() for r in results
+                                                if k in r.terms]).mean()) for k in keys],
+                            dtype=torch.float64, device=self.acc.device)
+        # a rank's share of the gradient is a ratio: averaged over ranks, as shared values
+        shared = torch.tensor([k in SAME_ON_ALL_RANKS or k.startswith("grad_share/")
+                               for k in keys], device=mean.device)
+        mean = torch.where(shared, mean / self.world, mean)
+        vals = dict(zip(keys, self._reduce(mean).tolist()))
+        tiles = sum(r.counts.samples for r in results)
+        tiles_per_s = tiles / dt
+        errors = self._data_errors()
+        s, step = self.sink, self.step
+        for k, v in vals.items():
+            s.scalar(f"train/{k}", v, step)
+        s.scalar("train/lr", results[-1].lr, step)
+        s.scalar("train/l2_balance", self.loss_fn.l2_balance, step)
+        s.scalar("train/skipped_steps", self.skipped_steps, step)
+        s.scalar("train/samples_seen", self.samples_seen, step)
+        s.scalar("perf/tiles_per_s", tiles_per_s, step)
+        s.scalar("perf/data_wait_fraction", window["wait"] / dt, step)
+        if self.peak_flops:
+            s.scalar("perf/mfu", tiles_per_s * self.flops_per_sample
+                     / (self.peak_flops * self.world), step)
+        for reason, n in errors.items():
+            s.scalar(f"data/skipped_{reason}", n, step)
+        bar.set_postfix(loss=f"{vals['loss']:.4g}", l1=f"{vals.get('recon_l1', 0):.3f}",
+                        tiles_s=f"{tiles_per_s:.1f}")
+        if errors and self.is_main:
+            log.warning(f"step {self.step}: skipped samples so far: {errors}")
+        window.update(t0=time.perf_counter(), wait=0.0, results=[])
+
     def _write_val(self, res: dict) -> None:
-        if self.writer is None:
-            return
         for k, v in res.items():
             if isinstance(v, float) and math.isfinite(v):
-                self.writer.add_scalar(f"val/{k}", v, self.step)
-        self.writer.flush()
+                self.sink.scalar(f"val/{k}", v, self.step)
+        self.sink.flush()
 
 
 def format_summary(summary: dict) -> str:

@@ -1,12 +1,14 @@
 """train/main.py with one fault injected, for the fault tests. Launched like main.py
 (`accelerate launch ... tests/helpers/faulty_main.py --config ...`); the fault comes from
-TEMPO_VAE_FAULT=KIND:NUMBER[:RANK] (RANK: every rank when left out):
+TEMPO_VAE_FAULT=KIND:NUMBER[:RANK] (RANK: every rank when left out) and reaches the trainer
+through its constructor seams (model, loss, checkpoint I/O):
 
   nan_loss:S      the reconstruction term of training micro-step S is NaN
   inf_grad:S      the loss of micro-step S is finite but its gradients are not
   no_space:N      the N-th checkpoint's free-space check sees a full disk
   enospc_write:S  at the checkpoint of step S, writing the rank's files fails with ENOSPC
   hang:S          micro-step S never finishes (a rank stuck in I/O)
+  stop:S          the rank sends itself SIGUSR1 during micro-step S (a preemption notice)
 """
 
 import errno
@@ -17,43 +19,61 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from train import main as main_module  # noqa: E402
 
+KINDS = ("nan_loss", "inf_grad", "no_space", "enospc_write", "hang", "stop")
+
 
 def _fault():
     kind, step, *rank = os.environ["TEMPO_VAE_FAULT"].split(":")
+    if kind not in KINDS:
+        raise SystemExit(f"TEMPO_VAE_FAULT: unknown kind {kind!r}")
     here = int(os.environ.get("RANK", "0"))
     return kind, int(step), (not rank or int(rank[0]) == here)
 
 
-def _wrap_loss(trainer_module, change) -> None:
-    """The trainer's loss first applies ``change(n, model_output)`` (n: 1-based call)."""
-    build_loss = trainer_module.build_loss
-    calls = {"n": 0}
+class ChangedOutput:
+    """The loss, applied to ``change(n, model_output)`` (n: 1-based call)."""
 
-    class Wrapped:
-        def __init__(self, inner):
-            self.inner = inner
+    def __init__(self, inner, change):
+        self.inner, self.change, self.n = inner, change, 0
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-        def __call__(self, out, *args, **kw):
-            calls["n"] += 1
-            return self.inner(change(calls["n"], out), *args, **kw)
-    trainer_module.build_loss = lambda cfg: Wrapped(build_loss(cfg))
+    def __call__(self, out, *args, **kw):
+        self.n += 1
+        return self.inner(self.change(self.n, out), *args, **kw)
 
 
-def _install(kind: str, step: int, here: bool) -> None:
+def _seams(kind: str, step: int) -> dict:
+    """Trainer keyword arguments that inject the fault."""
     import shutil
+    import signal
+    import time
 
     import torch
 
-    import train.trainer as trainer_module
+    from train.losses import build_loss
+    from train.model import build_model
 
-    calls = {"n": 0}
-    if kind == "nan_loss" and here:
-        _wrap_loss(trainer_module, lambda n, out: dict(out, recon=out["recon"] * float("nan"))
-                   if n == step else out)
-    elif kind == "inf_grad" and here:
+    def loss(change):
+        return lambda cfg: {"loss_fn": ChangedOutput(build_loss(cfg.loss), change)}
+
+    if kind == "nan_loss":
+        return loss(lambda n, out: dict(out, recon=out["recon"] * float("nan"))
+                    if n == step else out)
+    if kind == "hang":
+        def stuck(n, out):
+            while n == step:
+                time.sleep(3600)
+            return out
+        return loss(stuck)
+    if kind == "stop":
+        def preempt(n, out):
+            if n == step:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return out
+        return loss(preempt)
+    if kind == "inf_grad":
         class InfGrad(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x):
@@ -63,52 +83,43 @@ def _install(kind: str, step: int, here: bool) -> None:
             def backward(ctx, g):
                 return g * float("inf")
 
-        build_model = trainer_module.build_model
+        calls = {"n": 0}
 
-        def faulty_build_model(*args, **kw):
+        def faulty_model(*args, **kw):
             m = build_model(*args, **kw)
 
             def hook(module, inputs, out):
-                if not module.training or out["recon"].device.type == "meta":
+                if not module.training:
                     return out
                 calls["n"] += 1
-                if calls["n"] == step:
-                    out = dict(out, recon=InfGrad.apply(out["recon"]))
-                return out
+                return dict(out, recon=InfGrad.apply(out["recon"])) if calls["n"] == step \
+                    else out
             m.register_forward_hook(hook)
             return m
-        trainer_module.build_model = faulty_build_model
-    elif kind == "no_space" and here:
-        disk_usage = shutil.disk_usage
+        return lambda cfg: {"build_model_fn": faulty_model}
+    if kind == "no_space":
+        calls = {"n": 0}
 
         def full_disk(path):
-            u = disk_usage(path)
-            if os.path.basename(os.path.normpath(path)) == "checkpoints":
-                calls["n"] += 1
-                if calls["n"] == step:
-                    return type(u)(u.total, u.total, 0)
-            return u
-        shutil.disk_usage = full_disk
-    elif kind == "enospc_write" and here:
-        save = torch.save
+            u = shutil.disk_usage(path)
+            calls["n"] += 1
+            return type(u)(u.total, u.total, 0) if calls["n"] == step else u
+        return lambda cfg: {"checkpoint_io": {"disk_usage": full_disk}}
+    # enospc_write
+    def failing_save(obj, f, *args, **kw):
+        if f"step_{step:08d}.partial" in str(f):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return torch.save(obj, f, *args, **kw)
+    return lambda cfg: {"checkpoint_io": {"save_file": failing_save}}
 
-        def failing_save(obj, f, *args, **kw):
-            if f"step_{step:08d}.partial" in str(f):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-            return save(obj, f, *args, **kw)
-        torch.save = failing_save
-    elif kind == "hang" and here:
-        import time
 
-        def stuck(n, out):
-            while n == step:
-                time.sleep(3600)
-            return out
-        _wrap_loss(trainer_module, stuck)
-    elif kind not in ("nan_loss", "inf_grad", "no_space", "enospc_write", "hang"):
-        raise SystemExit(f"TEMPO_VAE_FAULT: unknown kind {kind!r}")
+def main() -> int:
+    kind, step, here = _fault()
+    from train.trainer import Trainer
+
+    seams = _seams(kind, step) if here else (lambda cfg: {})
+    return main_module.main(make_trainer=lambda cfg: Trainer(cfg, **seams(cfg)))
 
 
 if __name__ == "__main__":
-    _install(*_fault())
-    sys.exit(main_module.main())
+    sys.exit(main())
