@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -182,6 +183,10 @@ def test_training_with_geometry_balance_and_shares_then_export_and_predict(
     summary = trainer.fit()
     assert summary["finished"]
     assert trainer.loss_fn.l2_balance != 1.0
+    # the factor is saved with the checkpoint, as the resume reads it
+    latest = open(os.path.join(out, "checkpoints", "latest")).read().strip()
+    state = json.load(open(os.path.join(out, "checkpoints", latest, "trainer_state.json")))
+    assert state["l2_balance"] == trainer.loss_fn.l2_balance
     ea = EventAccumulator(os.path.join(out, "tb"))
     ea.Reload()
     tags = ea.Tags()["scalars"]
@@ -220,8 +225,6 @@ def test_benchmark_command_smoke(tmp_path):
                        text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "supervised head vs truth" in p.stdout and "Wall time" in p.stdout
-    import json
-
     r = json.load(open(os.path.join(out, "benchmark.json")))
     assert set(r["r2"]["supervised head vs truth"]) == set(L2_ORDER)
     assert r["steps"] == 3 and r["seconds"]["train_supervised"] > 0
