@@ -167,7 +167,8 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
             continue
         z = prep.z[r0:r0 + t.size, c0:c0 + t.size]  # invalid values already 0, counted:
         filled = int(n_bad.sum())
-        l1 = np.ascontiguousarray(z.transpose(2, 0, 1), dtype=samples.L1_DTYPE)  # (C, H, W)
+        # cast first, then transpose the half-size copy: (C, H, W)
+        l1 = np.ascontiguousarray(z.astype(samples.L1_DTYPE).transpose(2, 0, 1))
         geo = g.geo[:, r0:r0 + t.size, c0:c0 + t.size]
         tmid = g.time[r0 + t.size // 2] if g.time.size else np.nan
         meta = {"key": key, "granule": g.key, "row": r0, "col": c0, "size": t.size,

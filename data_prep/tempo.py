@@ -208,6 +208,7 @@ def read_l1(path: str, band: str = L1_BAND, fill: float | None = FLOAT_FILL,
     (``pixel_quality_flag & quality_mask``) become NaN and are counted. Small or negative
     radiances (noise at the darkest channels) are data and are kept."""
     ds = _open(path)
+    ds.set_auto_mask(False)  # same values (invalid ones are found below), no masked copy
     try:
         if band not in ds.groups:
             raise TempoFileError(path, f"missing group '{band}' (groups: {sorted(ds.groups)})")
@@ -221,14 +222,19 @@ def read_l1(path: str, band: str = L1_BAND, fill: float | None = FLOAT_FILL,
                                        f"radiance {rad.shape}")
         bad = _float_invalid(rad, fill)
         pqf_var = _var(ds, f"{band}/pixel_quality_flag", path)
-        pqf = np.asarray(pqf_var[...]).astype(np.int64)
+        pqf = np.asarray(pqf_var[...])
+        if pqf.dtype.kind in "iu" and quality_mask >> (8 * pqf.dtype.itemsize) == 0:
+            pqf = pqf.view(pqf.dtype.str.replace("i", "u"))  # bit test without an int64 copy
+            quality_mask = pqf.dtype.type(quality_mask)
+        else:
+            pqf = pqf.astype(np.int64)
         if pqf.shape == rad.shape[:2]:
             pqf = pqf[..., None]
         elif pqf.shape != rad.shape:
             raise TempoFileError(path, f"pixel_quality_flag shape {pqf.shape} does not match "
                                        f"radiance {rad.shape}")
         bad |= (pqf & quality_mask) != 0
-        rad = np.where(bad, np.float32(np.nan), rad)
+        rad[bad] = np.nan  # rad is this function's own array
         geo = {k: _read(ds, f"{band}/{k}", path).astype(np.float32) for k in
                ("latitude", "longitude", "solar_zenith_angle", "viewing_zenith_angle")}
         for k, a in geo.items():
