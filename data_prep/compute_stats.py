@@ -53,7 +53,7 @@ def compute(granules: list[GranuleFiles], opts: ReadOptions, workers: int = 1,
     total: DatasetStats | None = None
     errors: dict[str, str] = {}
     jobs = [(g, opts, k) for g in granules]
-    with (mp.get_context("spawn").Pool(workers) if workers > 1 else _Inline()) as pool:
+    with (pool_context().Pool(workers) if workers > 1 else _Inline()) as pool:
         it = pool.imap_unordered(_job, jobs)
         for key, st, err in tqdm(it, total=len(jobs), desc="stats", unit="granule",
                                  disable=not progress, file=sys.stderr):
@@ -68,6 +68,14 @@ def compute(granules: list[GranuleFiles], opts: ReadOptions, workers: int = 1,
             else:
                 total.merge(st)
     return total, errors
+
+
+def pool_context():
+    """Worker processes by fork where the platform has it: a worker starts in milliseconds
+    with this process's imports (no file is open when a pool starts), instead of ~0.4 s
+    per worker importing numpy and netCDF4 again under spawn."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else "spawn")
 
 
 class _Inline:

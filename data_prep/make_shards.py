@@ -34,7 +34,6 @@ import dataclasses
 import glob
 import json
 import math
-import multiprocessing as mp
 import os
 import re
 import shutil
@@ -426,7 +425,7 @@ def step_run(args, granules, read_opts, tile, task_index: int, num_tasks: int) -
         print(f"resuming: {skipped} of {len(mine)} work units already done", file=sys.stderr)
     jobs = [(args.out_dir, u, granules, mean, std, read_opts, tile, args.shard_size,
              args.max_samples_per_shard) for u in todo]
-    with (mp.get_context("spawn").Pool(min(args.workers, len(jobs)))
+    with (compute_stats.pool_context().Pool(min(args.workers, len(jobs)))
           if args.workers > 1 and len(jobs) > 1 else compute_stats._Inline()) as pool:
         for _ in tqdm(pool.imap_unordered(_unit_job, jobs), total=len(jobs), desc="shards",
                       unit="unit", disable=args.quiet, file=sys.stderr):

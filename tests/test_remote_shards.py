@@ -181,6 +181,9 @@ def test_pipe_cat_folder_and_brace_list(shards):
     assert src.listed == tuple(names[:3]) and src.kind == "gopen"
     res = batches(cfg(listed, num_workers=1))
     assert valid_keys(res) == all_keys(shards, names[:3])
+    local_list = f"{shards}/train/{{{','.join(stems)}}}.tar"  # the same list, local reader
+    assert ShardSource.parse(local_list).local
+    assert valid_keys(batches(cfg(local_list, num_workers=1))) == all_keys(shards, names[:3])
     # a split none of whose shards is listed keeps all of them
     assert valid_keys(batches(cfg(listed, num_workers=1), split="val")) == \
         all_keys(shards, shard_names(shards, "val"))
