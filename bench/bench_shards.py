@@ -189,7 +189,9 @@ def main() -> int:
     tar_bytes = sum(os.path.getsize(os.path.join(out, k)) for k in sizes)
     m, x, c = args.mirror_steps, args.xtrack, args.channels
     print(f"{args.granules} granules of {m} x {x} x {c}; {n} tiles of {c} x 64 x 64 in "
-          f"{len(sizes)} shards; {args.workers} workers (cores: {os.cpu_count()})")
+          f"{len(sizes)} shards; {args.workers} workers (cores: {os.cpu_count()}, load "
+          f"average {os.getloadavg()[0]:.1f} at the end: other work on the cores slows the "
+          "parallel figures, not the per-core one)")
     print(f"raw netCDF4 read of the radiance      {t_raw:7.2f} s  (1 process; masked "
           f"arrays, netCDF4's default: {t_masked:.2f} s)")
     print(f"make_shards (a) with statistics pass  {t_a:7.2f} s  ratio raw/e2e "
@@ -199,8 +201,9 @@ def main() -> int:
     print(f"statistics pass alone                 {t_stats:7.2f} s  ratio raw/stats "
           f"{t_raw / t_stats:.2f}")
     total = sum(per_stage.values())
-    print("one granule, one process, by stage (share of the stages' sum; raw read of its "
-          f"radiance = {t_raw / len(rad_files) / total:.0%}):")
+    print(f"one granule, one process, by stage: {total:.2f} s = ratio raw/pipeline per core "
+          f"{t_raw / len(rad_files) / total:.2f} (vs the default read "
+          f"{t_masked / len(rad_files) / total:.2f}); what one worker per free core gives")
     for k, v in per_stage.items():
         print(f"  {k:42s} {v:6.2f} s  {v / total:.0%}")
     per_tile = tar_bytes / n
