@@ -20,7 +20,7 @@ byte-shuffled zstd (numcodecs Blosc, if installed) would save on the radiance an
 it decodes against a plain read of the same bytes. Only ratios measured within one run are
 meaningful on a shared machine.
 
-    python bench/bench_shards.py [--workdir /tmp/bench_shards] [--workers N]
+    python bench/bench_shards.py [--workdir /tmp/bench_shards] [--workers N] [--against REV]
 """
 
 from __future__ import annotations
@@ -133,6 +133,44 @@ def codec_figures(out: str, n_tiles: int, repeats: int) -> None:
               f"{l1_bytes / t_enc / 1e9:.2f} GB/s per core")
 
 
+def against_revision(rev: str, gran: str, workdir: str, common: list[str], stats: str,
+                     repeats: int) -> None:
+    """make_shards of git revision ``rev`` (exported with ``git archive``) against this tree,
+    each in a fresh process, interleaved, best of ``repeats``."""
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    old = os.path.join(workdir, f"rev-{rev}")
+    if not os.path.exists(os.path.join(old, "data_prep")):
+        os.makedirs(old, exist_ok=True)
+        archive = subprocess.run(["git", "-C", here, "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+    out = os.path.join(workdir, "shards-rev")
+    code = ("import sys, time; from data_prep import make_shards; t = time.perf_counter(); "
+            "assert make_shards.main(sys.argv[1:]) == 0; print(time.perf_counter() - t)")
+
+    def one(tree: str, given: bool) -> float:
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-c", code, gran, out] + common + \
+            (["--stats", stats] if given else [])
+        r = subprocess.run(cmd, cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
+                           capture_output=True, text=True, check=True)
+        return float(r.stdout.split()[-1])
+
+    best: dict = {}
+    for _ in range(repeats):
+        for name, tree in ((rev, old), ("this tree", here)):
+            for given in (False, True):
+                t = one(tree, given)
+                best[name, given] = min(best.get((name, given), t), t)
+    for given in (False, True):
+        what = "statistics given" if given else "with statistics pass"
+        print(f"  {what:22s} {rev}: {best[rev, given]:6.2f} s, this tree: "
+              f"{best['this tree', given]:6.2f} s -> {best[rev, given] / best['this tree', given]:.1f}x "
+              "faster")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -144,6 +182,9 @@ def main() -> int:
                    help="make_shards workers (default: one per core)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default="/tmp/bench_shards")
+    p.add_argument("--against", metavar="GIT_REV", default=None,
+                   help="also time make_shards of this git revision, interleaved with this "
+                        "tree (fresh processes, best of 2)")
     args = p.parse_args()
     gran = os.path.join(args.workdir, f"granules_{args.granules}x{args.mirror_steps}x"
                                       f"{args.xtrack}x{args.channels}")
@@ -215,6 +256,9 @@ def main() -> int:
     print(f"GPU read bandwidth at the research model's {RESEARCH_TILES_PER_S:.0f} tiles/s: "
           f"{bw / 1e6:.0f} MB/s per GPU, {8 * bw / 1e9:.2f} GB/s for 8 GPUs")
     codec_figures(out, n, args.repeats)
+    if args.against:
+        print(f"make_shards end to end against revision {args.against}:")
+        against_revision(args.against, gran, args.workdir, common, stats_file, 2)
     return 0
 
 
