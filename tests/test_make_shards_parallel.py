@@ -146,3 +146,23 @@ def test_array_script_runs_the_steps(synth_dir, one_process, tmp_path):
              SLURM_ARRAY_TASK_COUNT="3")
     step("merge")
     assert tree(out) == tree(one_process)
+
+
+def test_float32_moments_match_float64():
+    from data_prep.stats import ChannelMoments
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(25.0, 0.3, (20000, 7))).astype(np.float32)
+    x[rng.random(x.shape) < 0.05] = np.nan
+    x[:, 3] = np.nan  # a channel with nothing valid
+    a, b = ChannelMoments.empty(7), ChannelMoments.empty(7)
+    for part in np.array_split(x, 3):
+        a.update(part)  # float32 path
+        b.update(part.astype(np.float64))
+    ref = x.astype(np.float64)
+    ok = np.arange(7) != 3
+    np.testing.assert_array_equal(a.count, np.isfinite(ref).sum(0))
+    np.testing.assert_allclose(a.mean[ok], np.nanmean(ref[:, ok], 0), rtol=1e-12)
+    np.testing.assert_allclose(a.std[ok], np.nanstd(ref[:, ok], 0), rtol=1e-6)
+    np.testing.assert_allclose(a.std[ok], b.std[ok], rtol=1e-6)
+    assert a.count[3] == 0 and a.mean[3] == 0 and a.m2[3] == 0
