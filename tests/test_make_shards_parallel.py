@@ -50,9 +50,9 @@ def test_tasks_by_index_then_merge_equal_one_process(synth_dir, one_process, tmp
     assert make_shards.main([synth_dir, out, "--step", "merge"] + OPTS) == 1
     assert "not done" in capsys.readouterr().err
     # tasks in any order; each runs only its units
-    for i in (1, 0):
+    for i in (1, 0):  # task 0 with 2 worker processes
         assert make_shards.main([synth_dir, out, "--step", "run", "--task-index", str(i),
-                                 "--num-tasks", "3"] + OPTS) == 0
+                                 "--num-tasks", "3", "--workers", str(2 - i)] + OPTS) == 0
         done = sorted(f[:-5] for f in os.listdir(os.path.join(out, ".done")))
         assert done == sorted(u["id"] for j, u in enumerate(units) if j % 3 >= i)
     assert make_shards.main([synth_dir, out, "--step", "merge"] + OPTS) == 0
