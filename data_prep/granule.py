@@ -101,33 +101,42 @@ def normalise(rad: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 
 class _Normalised:
-    """Granule-wide work shared by its tiles, done once in place (one pass instead of one
-    per tile): ``n_bad`` (M', X') invalid channels per pixel and, on first use, ``z``
-    (M', X', C) float32 = ``normalise(radiance)`` with invalid values (channel mean, 0) and
-    pixels with too many invalid channels (all 0) filled. Covers only the rows/columns
-    that some tile uses. Elementwise identical to normalising each tile."""
+    """Work shared by the tiles of one band of rows (``size`` rows from ``r0``), done once
+    per band in place instead of once per tile: ``n_bad(r0)`` (size, X') invalid channels
+    per pixel and ``z(r0)`` (size, X', C) float32 = ``normalise(radiance)`` with invalid
+    values (channel mean, 0) and pixels with too many invalid channels (all 0) filled.
+    Only the current band is kept (memory of one band, not of the granule); columns no
+    tile uses are left out. Elementwise identical to normalising each tile."""
 
     def __init__(self, radiance: np.ndarray, positions, t: TileOptions, mean, std):
-        rows = max(r for r, _ in positions) + t.size
         cols = max(c for _, c in positions) + t.size
-        self.radiance = radiance[:rows, :cols]
-        self.bad = ~np.isfinite(self.radiance)
-        self.n_bad = self.bad.sum(axis=-1, dtype=np.int32)
-        self.pixel_bad = self.n_bad / radiance.shape[-1] > t.max_bad_channel_fraction
-        self.mean, self.std = mean, std
-        self._z: np.ndarray | None = None
+        self.radiance, self.size, self.t = radiance[:, :cols], t.size, t
+        self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+        self._r0: int | None = None
+        self._bad = self._n_bad = self._z = None
 
-    @property
-    def z(self) -> np.ndarray:
+    def _band(self, r0: int) -> None:
+        if self._r0 != r0:
+            rad = self.radiance[r0:r0 + self.size]
+            self._bad = ~np.isfinite(rad)
+            self._n_bad = self._bad.sum(axis=-1, dtype=np.int32)
+            self._z, self._r0 = None, r0
+
+    def n_bad(self, r0: int) -> np.ndarray:
+        self._band(r0)
+        return self._n_bad
+
+    def z(self, r0: int) -> np.ndarray:
+        self._band(r0)
         if self._z is None:
-            z = np.maximum(self.radiance, np.float32(LOG_CLAMP_MIN))
+            z = np.maximum(self.radiance[r0:r0 + self.size], np.float32(LOG_CLAMP_MIN))
             np.log(z, out=z)
-            np.subtract(z, self.mean.astype(np.float32), out=z)
-            np.divide(z, self.std.astype(np.float32), out=z)
+            np.subtract(z, self.mean, out=z)
+            np.divide(z, self.std, out=z)
             np.clip(z, -Z_CLIP, Z_CLIP, out=z)
-            z[self.bad] = 0.0
-            z[self.pixel_bad] = 0.0
-            self._z, self.bad = z, None
+            z[self._bad] = 0.0
+            z[self._n_bad / z.shape[-1] > self.t.max_bad_channel_fraction] = 0.0
+            self._z = z
         return self._z
 
 
@@ -153,7 +162,7 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
     prep = _Normalised(g.radiance, positions, t, mean, std) if positions else None
     for r0, c0 in positions:
         key = f"{g.key}_r{r0:04d}_c{c0:04d}"
-        n_bad = prep.n_bad[r0:r0 + t.size, c0:c0 + t.size]  # (H, W) invalid channels
+        n_bad = prep.n_bad(r0)[:, c0:c0 + t.size]  # (H, W) invalid channels
         bad_frac = n_bad / c  # (H, W)
         pixel_ok = bad_frac <= t.max_bad_channel_fraction
         valid_frac = float(pixel_ok.mean())
@@ -165,7 +174,7 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
             rec.update(status="dropped", reason="l1_valid_fraction_below_min")
             yield rec, None
             continue
-        z = prep.z[r0:r0 + t.size, c0:c0 + t.size]  # invalid values already 0, counted:
+        z = prep.z(r0)[:, c0:c0 + t.size]  # invalid values already 0, counted:
         filled = int(n_bad.sum())
         # cast first, then transpose the half-size copy: (C, H, W)
         l1 = np.ascontiguousarray(z.astype(samples.L1_DTYPE).transpose(2, 0, 1))
