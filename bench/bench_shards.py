@@ -160,11 +160,12 @@ def against_revision(rev: str, gran: str, workdir: str, common: list[str], stats
         archive = subprocess.run(["git", "-C", here, "archive", rev], check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
-    out = os.path.join(workdir, "shards-rev")
+    outs = {old: os.path.join(workdir, "shards-rev"), here: os.path.join(workdir, "shards-this")}
     code = ("import sys, time; from data_prep import make_shards; t = time.perf_counter(); "
             "assert make_shards.main(sys.argv[1:]) == 0; print(time.perf_counter() - t)")
 
     def one(tree: str, given: bool) -> float:
+        out = outs[tree]
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-c", code, gran, out] + common + \
             (["--stats", stats] if given else [])
@@ -178,6 +179,10 @@ def against_revision(rev: str, gran: str, workdir: str, common: list[str], stats
             for given in (False, True):
                 t = one(tree, given)
                 best[name, given] = min(best.get((name, given), t), t)
+    a, b = (read_json(os.path.join(outs[t], "sizes.json")) for t in (old, here))
+    same = a == b and all(open(os.path.join(outs[old], k), "rb").read()
+                          == open(os.path.join(outs[here], k), "rb").read() for k in a)
+    print(f"  shards of both, statistics given: {'byte-identical' if same else 'DIFFERENT'}")
     for given in (False, True):
         what = "statistics given" if given else "with statistics pass"
         print(f"  {what:22s} {rev}: {best[rev, given]:6.2f} s, this tree: "
