@@ -254,3 +254,25 @@ def test_stream_reader_follows_tar_formats(shards, fmt):
             ours = list(iter_tar_stream(f, rel))
         ref = list(samples.iter_tar(os.path.join(shards, rel)))
         assert ours == ref
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_rank_training_over_http_equals_local(shards, server, tmp_path):
+    """2 ranks under ZeRO-2 train on shards served over HTTP, one of them cut part-way once:
+    the same per-step losses, bitwise, as from the local folder."""
+    from conftest import tiny_overrides
+    from test_train_launch import DEMO, ROOT, check, launch, scalars
+
+    zero2 = os.path.join(ROOT, "accelerate_configs", "cpu_deepspeed_zero2.yaml")
+    Handler.drops[f"/{shard_names(shards)[2]}"] = 1
+    losses = []
+    for name, root in (("local", shards), ("http", server)):
+        out = str(tmp_path / name)
+        args = ["--config", DEMO] + tiny_overrides(root, out) + [
+            "train.steps=5", "optim.schedule=constant", "data.shuffle_buffer=4"]
+        check(launch(zero2, "train/main.py", args))
+        losses.append(dict(scalars(out, "train/loss")))
+    assert sorted(losses[0]) == list(range(1, 6))
+    assert losses[0] == losses[1]
+    assert Handler.requests[f"/{shard_names(shards)[2]}"] >= 2  # the cut stream was retried
