@@ -53,7 +53,7 @@ def compute(granules: list[GranuleFiles], opts: ReadOptions, workers: int = 1,
     total: DatasetStats | None = None
     errors: dict[str, str] = {}
     jobs = [(g, opts, k) for g in granules]
-    with (mp.get_context("spawn").Pool(workers) if workers > 1 else _Inline()) as pool:
+    with (pool_context().Pool(workers) if workers > 1 else _Inline()) as pool:
         it = pool.imap_unordered(_job, jobs)
         for key, st, err in tqdm(it, total=len(jobs), desc="stats", unit="granule",
                                  disable=not progress, file=sys.stderr):
@@ -68,6 +68,14 @@ def compute(granules: list[GranuleFiles], opts: ReadOptions, workers: int = 1,
             else:
                 total.merge(st)
     return total, errors
+
+
+def pool_context():
+    """Worker processes by fork where the platform has it: a worker starts in milliseconds
+    with this process's imports (no file is open when a pool starts), instead of ~0.4 s
+    per worker importing numpy and netCDF4 again under spawn."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else "spawn")
 
 
 class _Inline:
@@ -94,12 +102,23 @@ def main(argv=None) -> int:
     p.add_argument("--band", default=ReadOptions.band)
     p.add_argument("--sample-size", type=int, default=1_000_000,
                    help="values kept per L2 product for median/MAD (exact below this)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="use a seeded sample of this fraction of the granules")
+    p.add_argument("--min-granules", type=int, default=8,
+                   help="with --fraction: but at least this many")
+    p.add_argument("--seed", type=int, default=42, help="seed of the granule sample")
     args = p.parse_args(argv)
+    if not 0 < args.fraction <= 1 or args.min_granules < 1:
+        p.error("--fraction must be in (0, 1] and --min-granules >= 1")
     granules, ignored = discover(find_files(args.input_dir))
-    usable = [g for g in granules.values() if g.rad is not None]
+    usable = {g.gid.key: g for g in granules.values() if g.rad is not None}
     if not usable:
         print(f"error: no RAD L1 granules found in {args.input_dir}", file=sys.stderr)
         return 2
+    from data_prep.make_shards import sample_granules
+
+    usable = [usable[k] for k in sample_granules(list(usable), args.fraction,
+                                                 args.min_granules, args.seed)]
     stats, errors = compute(usable, ReadOptions(band=args.band), args.workers, args.sample_size)
     for key, err in errors.items():
         print(f"error: granule {key}: {err}", file=sys.stderr)
