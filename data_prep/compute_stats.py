@@ -13,7 +13,6 @@ results are computed per granule in parallel and merged exactly.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import sys
 
@@ -21,9 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.granule import ReadOptions, read_granule
+from data_prep.logs import get_logger, setup_logging
 from data_prep.stats import DatasetStats, log_radiance
 from data_prep.tempo import GranuleFiles, TempoFileError, discover, find_files
-from data_prep.util import atomic_write_json
+from data_prep.util import argument_parser, atomic_write_json
+
+log = get_logger(__name__)
 
 
 def granule_stats(g: GranuleFiles, opts: ReadOptions, k: int = 1_000_000) -> DatasetStats:
@@ -93,13 +95,11 @@ class _Inline:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.compute_stats",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m data_prep.compute_stats", __doc__)
     p.add_argument("input_dir", help="folder with TEMPO granules (searched recursively)")
     p.add_argument("out_json", help="stats file to write")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--band", default=ReadOptions.band)
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (one per core)")
+    p.add_argument("--band", default=ReadOptions.band, help="RAD band group to read")
     p.add_argument("--sample-size", type=int, default=1_000_000,
                    help="values kept per L2 product for median/MAD (exact below this)")
     p.add_argument("--fraction", type=float, default=1.0,
@@ -108,12 +108,13 @@ def main(argv=None) -> int:
                    help="with --fraction: but at least this many")
     p.add_argument("--seed", type=int, default=42, help="seed of the granule sample")
     args = p.parse_args(argv)
+    setup_logging()
     if not 0 < args.fraction <= 1 or args.min_granules < 1:
         p.error("--fraction must be in (0, 1] and --min-granules >= 1")
     granules, ignored = discover(find_files(args.input_dir))
     usable = {g.gid.key: g for g in granules.values() if g.rad is not None}
     if not usable:
-        print(f"error: no RAD L1 granules found in {args.input_dir}", file=sys.stderr)
+        log.error(f"no RAD L1 granules found in {args.input_dir}")
         return 2
     from data_prep.make_shards import sample_granules
 
@@ -121,11 +122,11 @@ def main(argv=None) -> int:
                                                  args.min_granules, args.seed)]
     stats, errors = compute(usable, ReadOptions(band=args.band), args.workers, args.sample_size)
     for key, err in errors.items():
-        print(f"error: granule {key}: {err}", file=sys.stderr)
+        log.error(f"granule {key}: {err}")
     if stats is None:
         return 1
     atomic_write_json(args.out_json, stats.to_json())
-    print(f"stats from {len(stats.granules)} granules written to {args.out_json} "
+    log.info(f"stats from {len(stats.granules)} granules written to {args.out_json} "
           f"({len(errors)} granules failed, {len(ignored)} files ignored)")
     return 1 if errors else 0
 

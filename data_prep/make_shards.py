@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from data_prep import compute_stats
 from data_prep.granule import ReadOptions, TileOptions, cut_tiles, read_granule, tile_positions
+from data_prep.logs import get_logger, setup_logging
 from data_prep.samples import L1_DTYPE
 from data_prep.tempo import (
     L2_ORDER,
@@ -57,7 +58,9 @@ from data_prep.tempo import (
     qa_rules,
     qa_rules_json,
 )
-from data_prep.util import atomic_write_json, read_json
+from data_prep.util import argument_parser, atomic_write_json, read_json
+
+log = get_logger(__name__)
 
 FORMAT = "tempo-vae-shards/1"
 SPLITS = ("train", "val")
@@ -410,14 +413,14 @@ def step_plan(args, granules, plan, read_opts, tile) -> int:
         train = [k for k, v in split.items() if v == "train"]
         use = sample_granules(train, args.stats_fraction, args.stats_min_granules, args.seed)
         if not args.quiet and len(use) < len(train):
-            print(f"statistics from {len(use)} of {len(train)} training granules "
-                  f"(--stats-fraction {args.stats_fraction})", file=sys.stderr)
+            log.info(f"statistics from {len(use)} of {len(train)} training granules "
+                     f"(--stats-fraction {args.stats_fraction})")
         st, errs = compute_stats.compute([granules[k] for k in use], read_opts, args.workers,
                                          progress=not args.quiet)
         for k, e in errs.items():
-            print(f"warning: stats skip granule {k}: {e}", file=sys.stderr)
+            log.warning(f"stats skip granule {k}: {e}")
         if st is None:
-            print("error: no training granule could be read; nothing written", file=sys.stderr)
+            log.error("no training granule could be read; nothing written")
             return 1
         out = st.to_json()
         out["sampled_from"] = {"training_granules": len(train), "used": len(use),
@@ -467,7 +470,7 @@ def step_run(args, granules, read_opts, tile, task_index: int, num_tasks: int) -
         todo.append(u)
     skipped = len(mine) - len(todo)
     if skipped and not args.quiet:
-        print(f"resuming: {skipped} of {len(mine)} work units already done", file=sys.stderr)
+        log.info(f"resuming: {skipped} of {len(mine)} work units already done")
     jobs = [(args.out_dir, u, granules, mean, std, read_opts, tile, args.shard_size,
              args.max_samples_per_shard) for u in todo]
     with (compute_stats.pool_context().Pool(min(args.workers, len(jobs)))
@@ -502,28 +505,42 @@ def verify(out_dir: str, manifest: dict) -> list[str]:
     return problems
 
 
+def describe_ignored(ignored: list[tuple[str, str]], base: str | None = None) -> str:
+    """``ignored`` [(path, reason)] as a count per reason with one example each (relative
+    to ``base`` when given), e.g. ``16 (16 not a TEMPO granule file name, e.g.
+    truth/TEMPO_TRUTH_..._S001G01.nc; all listed in manifest.json)``."""
+    if not ignored:
+        return "0"
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in ignored:
+        by_reason.setdefault(reason, []).append(os.path.relpath(path, base) if base else path)
+    parts = [f"{len(paths)} {reason}, e.g. {paths[0]}" for reason, paths in
+             sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
+    return f"{len(ignored)} ({'; '.join(parts)}; all listed in manifest.json)"
+
+
 def step_merge(args, plan, ignored, t0: float) -> int:
     split, units = _load_units(args.out_dir)
     missing = [(i, u.id) for i, u in enumerate(units)
                if not os.path.exists(os.path.join(args.out_dir, ".done", f"{u.id}.json"))]
     if missing:
-        print(f"error: {len(missing)} of {len(units)} work units are not done, e.g. unit "
-              f"{missing[0][0]} ({missing[0][1]}); run --step run for their tasks "
-              "(unit i belongs to task i mod --num-tasks)", file=sys.stderr)
+        log.error(f"{len(missing)} of {len(units)} work units are not done, e.g. unit "
+                  f"{missing[0][0]} ({missing[0][1]}); run --step run for their tasks "
+                  "(unit i belongs to task i mod --num-tasks)")
         return 1
     shutil.rmtree(os.path.join(args.out_dir, ".tmp"), ignore_errors=True)
     man = build_manifest(args.out_dir, plan, units, ignored, split)
     problems = verify(args.out_dir, man)
     for p in problems:
-        print(f"error: {p}", file=sys.stderr)
+        log.error(p)
     c = man["counts"]
-    print(f"{c['written']} tiles written ({c['per_split']['train']} train, "
-          f"{c['per_split']['val']} val) of {c['candidate_tiles']} candidates from "
-          f"{c['granules']} granules in {time.time() - t0:.1f}s; dropped: "
-          f"{json.dumps(c['dropped'])}; ignored files: {c['ignored_files']}; "
-          f"granule errors: {c['granule_errors']}")
+    log.info(f"{c['written']} tiles written ({c['per_split']['train']} train, "
+             f"{c['per_split']['val']} val) of {c['candidate_tiles']} candidates from "
+             f"{c['granules']} granules in {time.time() - t0:.1f}s; dropped: "
+             f"{json.dumps(c['dropped'])}; ignored files: {describe_ignored(ignored, args.input_dir)}; "
+             f"granule errors: {c['granule_errors']}")
     for k, e in man["granule_errors"].items():
-        print(f"error: granule {k}: {e}", file=sys.stderr)
+        log.error(f"granule {k}: {e}")
     return 1 if man["granule_errors"] or problems else 0
 
 
@@ -536,39 +553,41 @@ def run(args) -> int:
             if rc or args.step == "plan":
                 if not rc and not args.quiet:
                     n = len(_load_units(args.out_dir)[1])
-                    print(f"planned {n} work units in {args.out_dir}/units.json")
+                    log.info(f"planned {n} work units in {args.out_dir}/units.json")
                 return rc
         _require_plan(args, plan)
         if args.step in ("run", "all"):
             n = step_run(args, granules, read_opts, tile, args.task_index, args.num_tasks)
             if args.step == "run":
                 if not args.quiet:
-                    print(f"task {args.task_index} of {args.num_tasks}: {n} work units run")
+                    log.info(f"task {args.task_index} of {args.num_tasks}: {n} work units run")
                 return 0
         return step_merge(args, plan, ignored, t0)
     except OutputDirError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m data_prep.make_shards",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m data_prep.make_shards", __doc__)
     p.add_argument("input_dir", help="folder with TEMPO granules (searched recursively)")
     p.add_argument("out_dir", help="folder for shards, stats and manifest")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
-                   help="target bytes per shard")
-    p.add_argument("--max-samples-per-shard", type=int, default=100000)
-    p.add_argument("--tile-size", type=int, default=64)
-    p.add_argument("--stride", type=int, default=None, help="tile stride (default: tile size)")
+    p.add_argument("--shard-size", type=parse_size, default="1GB",
+                   help="target size of a shard (B, KB, MB, GB)")
+    p.add_argument("--max-samples-per-shard", type=int, default=100000,
+                   help="at most this many tiles per shard")
+    p.add_argument("--tile-size", type=int, default=64,
+                   help="tile height and width in pixels (mirror steps x cross-track)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="step between tile origins (default: the tile size, no overlap)")
     p.add_argument("--min-valid-fraction", type=float, default=TileOptions.min_valid_fraction,
                    help="drop tiles with fewer valid L1 pixels than this")
     p.add_argument("--max-bad-channel-fraction", type=float,
                    default=TileOptions.max_bad_channel_fraction,
                    help="a pixel with more invalid channels than this is invalid")
-    p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument("--val-fraction", type=float, default=0.3,
+                   help="fraction of granules in the validation split")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/val split")
     p.add_argument("--stats", default=None, help="use this stats JSON instead of computing it")
     p.add_argument("--stats-fraction", type=float, default=0.1,
@@ -584,7 +603,7 @@ def parse_args(argv=None):
                         "--num-tasks == index (e.g. $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-tasks", type=int, default=1,
                    help="--step run: number of tasks sharing the units")
-    p.add_argument("--band", default=ReadOptions.band)
+    p.add_argument("--band", default=ReadOptions.band, help="RAD band group to read")
     p.add_argument("--mirror-step-policy", choices=("trim", "error"), default="trim",
                    help="L1/L2 with different mirror-step counts: use common rows, or fail")
     p.add_argument("--require-products", action="store_true",
@@ -609,6 +628,7 @@ def parse_args(argv=None):
                    help="replace shards made with other options in OUT_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    setup_logging(quiet=args.quiet)
     if args.tile_size < 1 or (args.stride is not None and args.stride < 1):
         p.error("--tile-size and --stride must be >= 1")
     if not 0 <= args.val_fraction < 1:

@@ -373,3 +373,18 @@ def test_convert_pt_tiles_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "c.pt: not a readable torch tensor file" in err
     assert "l2_NO2/a.pt: shape (3, 4, 4), expected (2, 4, 4)" in err
+
+
+def test_ignored_files_are_reported_by_reason(synth_dir, tmp_path, capsys):
+    """The synthetic truth files are not granules: the summary says so, with an example,
+    instead of a bare count."""
+    assert make_shards.describe_ignored([]) == "0"
+    text = make_shards.describe_ignored([("a/x.nc", "not a TEMPO granule file name"),
+                                         ("a/y.nc", "not a TEMPO granule file name"),
+                                         ("b/z.nc", "product FOO is not used")])
+    assert text.startswith("3 (2 not a TEMPO granule file name, e.g. a/x.nc; 1 product FOO")
+    out = str(tmp_path / "shards")
+    assert make_shards.main([synth_dir, out, "--tile-size", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "INFO data_prep.make_shards:" in err
+    assert "not a TEMPO granule file name, e.g. truth/" in err
