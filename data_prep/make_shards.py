@@ -45,12 +45,12 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import compute_stats
+from data_prep import compute_stats, shard_format
 from data_prep.granule import ReadOptions, TileOptions, cut_tiles, read_granule, tile_positions
 from data_prep.logs import get_logger, setup_logging
 from data_prep.samples import L1_DTYPE
+from data_prep.shard_format import FORMAT, SPLITS
 from data_prep.tempo import (
-    L2_ORDER,
     GranuleFiles,
     TempoFileError,
     discover,
@@ -62,8 +62,6 @@ from data_prep.util import argument_parser, atomic_write_json, read_json
 
 log = get_logger(__name__)
 
-FORMAT = "tempo-vae-shards/1"
-SPLITS = ("train", "val")
 
 
 class OutputDirError(Exception):
@@ -325,12 +323,7 @@ def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) 
             dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
     written = sum(1 for r in tiles if r["status"] == "written")
     per_split = {s: sum(n for k, n in sizes.items() if k.startswith(s + "/")) for s in SPLITS}
-    manifest = {
-        "format": FORMAT,
-        "l2_order": list(L2_ORDER),
-        "l2_units": {"NO2": "molecules/cm^2", "O3TOT": "DU", "HCHO": "molecules/cm^2",
-                     "CLDO4": "1"},
-        "geo_order": ["latitude", "longitude", "sza", "vza"],
+    manifest = shard_format.manifest_header("make_shards", plan["options"]["tile"]["size"]) | {
         "options": plan["options"],
         "splits": {s: sorted(k for k, v in split.items() if v == s) for s in SPLITS},
         "counts": {"candidate_tiles": sum(1 for r in tiles if r["key"]),
@@ -345,8 +338,7 @@ def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) 
         "granules": reports,
         "tiles": tiles,
     }
-    atomic_write_json(os.path.join(out_dir, "sizes.json"), dict(sorted(sizes.items())))
-    atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    shard_format.write_metadata(out_dir, sizes, None, manifest)  # stats.json: at --step plan
     return manifest
 
 

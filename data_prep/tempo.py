@@ -27,6 +27,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+# the channel order of every l2 array written: the shard-folder contract's (re-exported)
+from data_prep.shard_format import L2_ORDER  # noqa: F401
+
 # Fill values as NASA writes them (DESIGN.md section 2). Readers never test against these:
 # they honour each variable's own attributes. The synthetic generator writes them.
 FLOAT_FILL = -1.0e30  # NO2 / HCHO L2 values, L2 geolocation
@@ -50,7 +53,6 @@ LEAP_SECONDS = tuple((dt.datetime(*d, tzinfo=dt.UTC), n) for d, n in (
     ((2015, 7, 1), 17), ((2017, 1, 1), 18)))
 
 L1_BAND = "band_290_490_nm"
-L2_ORDER = ("NO2", "O3TOT", "HCHO", "CLDO4")  # channel order of every l2 array we write
 
 _NAME_RE = re.compile(
     r"^TEMPO_(?P<product>[A-Z0-9]+)_(?P<level>L[12])_V(?P<version>\d+)_"

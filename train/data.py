@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep import samples
-from data_prep.tempo import L2_ORDER
+from data_prep import samples, shard_format
 from data_prep.util import read_json
 from train.runtime import STOP_SIGNALS
 from train.shard_source import RemoteShardReader, ShardSource, SourceError
@@ -61,6 +60,7 @@ class ShardSet:
     sizes: dict[str, int]  # path relative to root -> samples, this split only
     stats: dict
     source: ShardSource | None = None  # None: the local folder ``root``
+    manifest: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def open(cls, root: str, split: str, strict: bool = True) -> ShardSet:
@@ -95,9 +95,9 @@ class ShardSet:
         if missing:
             raise DataError(f"{sizes_path} lists {len(missing)} {split} shards that do not "
                             f"exist, e.g. {missing[0]}; sizes.json disagrees with the shards")
-        man_path = os.path.join(root, "manifest.json")
+        man_path = os.path.join(root, shard_format.MANIFEST)
         manifest = read_json(man_path) if os.path.exists(man_path) else {}
-        _check_l2_order(manifest, man_path)
+        _check_manifest(manifest, man_path)
         expected = manifest.get("shard_bytes", {})
         wrong = {k: n for k, n in on_disk.items() if k in expected and n != expected[k]}
         if strict and wrong:
@@ -108,7 +108,7 @@ class ShardSet:
                 f"{expected[k]}; re-create them (data_prep.make_shards ... --overwrite) or set "
                 "data.on_error=skip to train without the samples they lose (counted)")
         return cls(root, split, dict(sorted(sizes.items())),
-                   read_json(os.path.join(root, "stats.json")), source)
+                   read_json(os.path.join(root, shard_format.STATS)), source, manifest)
 
     @classmethod
     def _open_remote(cls, source: ShardSource, split: str) -> ShardSet:
@@ -120,8 +120,8 @@ class ShardSet:
             raise DataError(f"{e}: {source.root} is not a reachable, finished shard folder "
                             "(make_shards writes sizes.json, stats.json, manifest.json)") from None
         sizes = _split_sizes(sizes_json, split, source, source.address("sizes.json"))
-        _check_l2_order(manifest, source.address("manifest.json"))
-        return cls(source.root, split, dict(sorted(sizes.items())), stats, source)
+        _check_manifest(manifest, source.address(shard_format.MANIFEST))
+        return cls(source.root, split, dict(sorted(sizes.items())), stats, source, manifest)
 
     def raw_samples(self, name: str, retries: int = 3) -> Iterator[dict]:
         """Raw samples of one shard in file order (local: large members stay lazy)."""
@@ -132,6 +132,16 @@ class ShardSet:
     @property
     def total(self) -> int:
         return sum(self.sizes.values())
+
+    @property
+    def channels(self) -> int:
+        """Spectral channels of the tiles (from the normalisation statistics)."""
+        return len(self.stats["l1"]["mean"])
+
+    @property
+    def tile_size(self) -> int | None:
+        """Tile height = width in pixels, or None when the manifest does not say."""
+        return shard_format.tile_size(self.manifest)
 
 
 def _split_sizes(sizes_json: dict, split: str, source: ShardSource, where: str) -> dict:
@@ -150,10 +160,11 @@ def _split_sizes(sizes_json: dict, split: str, source: ShardSource, where: str) 
     return sizes
 
 
-def _check_l2_order(manifest: dict, where: str) -> None:
-    order = tuple(manifest.get("l2_order", L2_ORDER))
-    if order != L2_ORDER:
-        raise DataError(f"{where}: l2_order {order} differs from {L2_ORDER}")
+def _check_manifest(manifest: dict, where: str) -> None:
+    try:
+        shard_format.check_manifest(manifest, where)
+    except shard_format.ShardFormatError as e:
+        raise DataError(str(e)) from None
 
 
 def plan_epoch(sizes: dict[str, int], slots: int, seed: int, epoch: int) -> list[list[str]]:
@@ -512,6 +523,16 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    @property
+    def shards(self) -> ShardSet:
+        """The shard set this loader reads (its statistics, manifest and sizes)."""
+        return self.dataset.shards
+
+    @property
+    def transform(self):
+        """The L2 transforms (train.transforms.L2Transform) applied to its batches."""
+        return self.dataset.transform
 
     def set_epoch(self, epoch: int) -> None:
         self.state = LoaderState(epoch, 0)
