@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import TILE
+from helpers.common import TILE
 
 from data_prep import make_shards, samples
 from train.config import DataConfig
@@ -261,8 +261,7 @@ def test_stream_reader_follows_tar_formats(shards, fmt):
 def test_two_rank_training_over_http_equals_local(shards, server, tmp_path):
     """2 ranks under ZeRO-2 train on shards served over HTTP, one of them cut part-way once:
     the same per-step losses, bitwise, as from the local folder."""
-    from conftest import tiny_overrides
-    from test_train_launch import DEMO, ROOT, check, launch, scalars
+    from helpers.common import DEMO, ROOT, check, launch, scalars, tiny_overrides
 
     zero2 = os.path.join(ROOT, "accelerate_configs", "cpu_deepspeed_zero2.yaml")
     Handler.drops[f"/{shard_names(shards)[2]}"] = 1

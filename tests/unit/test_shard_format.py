@@ -9,12 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers.common import DEMO
 
 from data_prep import convert_pt_tiles, shard_format
 from data_prep.util import read_json
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "training", "demo.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +84,7 @@ def test_loader_exposes_channels_and_tile_size(shard_dir):
 
 
 def test_model_tile_size_must_match_the_shards(train_shards, tmp_path, capsys):
-    from conftest import tiny_overrides
+    from helpers.common import tiny_overrides
 
     from train import main
 

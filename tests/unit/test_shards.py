@@ -14,7 +14,7 @@ import time
 import netCDF4
 import numpy as np
 import pytest
-from conftest import TILE
+from helpers.common import TILE
 
 from data_prep import compute_stats, convert_pt_tiles, inspect_shards, make_shards, samples, tempo
 from data_prep.granule import ReadOptions, normalise, read_granule
@@ -304,12 +304,12 @@ def test_changed_options_need_overwrite(synth_dir, tmp_path, capsys):
 def test_inspect_catches_corruption(shard_dir, tmp_path):
     import shutil
 
-    from test_loader import _truncate_half
+    from helpers.damage import truncate_half
 
     bad = str(tmp_path / "bad")
     shutil.copytree(shard_dir, bad)
     rel = sorted(load(os.path.join(bad, "sizes.json")))[0]
-    _truncate_half(os.path.join(bad, rel))
+    truncate_half(os.path.join(bad, rel))
     _, problems = inspect_shards.inspect(bad, progress=False)
     assert any(rel in p for p in problems)
     assert any(p.startswith(f"{rel}: ") and "bytes, manifest.json says" in p for p in problems)

@@ -9,13 +9,13 @@ import importlib.metadata
 import os
 
 import pytest
+from helpers.common import ROOT
 
 try:
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover
     tomllib = None
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def declared_scripts() -> dict[str, str]:

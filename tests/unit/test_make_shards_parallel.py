@@ -10,14 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TILE
+from helpers.common import ROOT, TILE
 
 from data_prep import make_shards, samples, tempo
 from data_prep.granule import ReadOptions, read_granule
 from data_prep.stats import log_radiance
 
 OPTS = ["--shard-size", "150KB"] + TILE
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tree(root: str) -> dict[str, bytes]:
