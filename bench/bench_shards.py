@@ -1,38 +1,50 @@
-"""Shard writing: throughput against a raw write of the same bytes, and bytes per tile.
+"""make_shards throughput against reading the same radiance with netCDF4; bytes per tile.
 
-Synthesizes granules (default 2 x 64 mirror steps x 256 xtrack x 1028 channels, 64x64
-tiles), then in one run measures:
+Synthesizes (once, kept in --workdir) 2 granules at the real granule depth and spectral
+size, 132 mirror steps x 512 xtrack x 1028 channels (a real granule has 2048 xtrack; 512
+keeps the bench short), and in one run measures:
 
-  raw      the encoded sample bytes written with plain file.write to one file
-  shards   the same samples written with webdataset's ShardWriter (tar framing)
-  e2e      make_shards end to end (netCDF read, align, normalise, cut, encode, write)
+  raw read      netCDF4 reads the radiance variable of the 2 RAD files, one process,
+                without masked arrays (the fastest plain read; best of --repeats)
+  make_shards   end to end, in-process (discovery, planning, worker start-up, netCDF read
+                of RAD + 4 L2 files, QA, alignment, normalisation, tiling, tar writing,
+                manifest), one worker per core, one unit per granule:
+                (a) with the statistics pass (here every granule: fewer than
+                    --stats-min-granules), (b) statistics given (--stats), which is the
+                    month-scale case where the sampled statistics read ~10% of the granules
+  stats pass    the statistics of (a) alone
 
-and prints ratios (this machine is shared: only ratios within one run are meaningful),
-plus bytes per tile against the research code's fp32 ``.pt`` files ([64, H, W, C]).
+and prints ratios raw read time / make_shards time (higher is better; goal >= 0.5), bytes
+per tile, the read bandwidth a GPU needs at the research model's speed, and what
+byte-shuffled zstd (numcodecs Blosc, if installed) would save on the radiance and how fast
+it decodes against a plain read of the same bytes. Only ratios measured within one run are
+meaningful on a shared machine.
 
-    python bench/bench_shards.py [--granules 2] [--workdir /tmp/bench_shards]
+    python bench/bench_shards.py [--workdir /tmp/bench_shards] [--workers N] [--against REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep import make_shards, synthesize  # noqa: E402
-from data_prep.granule import ReadOptions, TileOptions, cut_tiles, read_granule  # noqa: E402
-from data_prep.tempo import discover, find_files  # noqa: E402
-from data_prep.util import read_json  # noqa: E402
+from data_prep import compute_stats, make_shards, samples, synthesize  # noqa: E402
+from data_prep.granule import ReadOptions  # noqa: E402
+from data_prep.tempo import L1_BAND, discover, find_files  # noqa: E402
+from data_prep.util import atomic_write_json, read_json  # noqa: E402
+
+RESEARCH_TILES_PER_S = 43.0  # research code, one GPU (bench/README.md, GPU section)
 
 
-def best_of(n, fn):
+def best_of(n: int, fn) -> float:
     times = []
     for _ in range(n):
         t = time.perf_counter()
@@ -41,80 +53,231 @@ def best_of(n, fn):
     return min(times)
 
 
+def raw_read(files: list[str], masked: bool = False) -> None:
+    import netCDF4
+
+    for f in files:
+        with netCDF4.Dataset(f) as ds:
+            v = ds.groups[L1_BAND].variables["radiance"]
+            v.set_auto_mask(masked)
+            v[...]
+
+
+def stages(granule, stats: dict, repeats: int) -> dict[str, float]:
+    """Seconds per stage for one granule in this process (best of ``repeats``)."""
+    import tempfile
+
+    from data_prep.granule import TileOptions, cut_tiles, read_granule
+
+    mean = np.asarray(stats["l1"]["mean"], np.float32)
+    std = np.asarray(stats["l1"]["std"], np.float32)
+    ag = read_granule(granule, ReadOptions())
+    out = {"read_granule (RAD + L2 read, QA, align)":
+           best_of(repeats, lambda: read_granule(granule, ReadOptions()))}
+    tiles = []
+    out["cut_tiles (normalise, float16, encode)"] = best_of(
+        repeats, lambda: tiles.__setitem__(slice(None), [
+            s for _, s in cut_tiles(ag, mean, std, TileOptions()) if s is not None]))
+    from data_prep.granule import _Normalised, tile_positions
+
+    t = TileOptions()
+    pos = tile_positions(*ag.radiance.shape[:2], t)
+    rows = sorted({r for r, _ in pos})
+
+    def normalise_all():
+        prep = _Normalised(ag.radiance, pos, t, mean, std)
+        return [prep.z(r) for r in rows]
+
+    z = normalise_all()
+    out["  of which: normalise (log, z-score, clip, fill)"] = best_of(repeats, normalise_all)
+    out["  of which: float32 -> float16 cast"] = best_of(
+        repeats, lambda: [b.astype(samples.L1_DTYPE) for b in z])
+    with tempfile.TemporaryDirectory() as d:
+        def write():
+            w = make_shards.TarShardWriter(os.path.join(d, "%04d.tar"), 10**6, 1e12)
+            for s in tiles:
+                w.write(s)
+            w.close()
+        out["tar write"] = best_of(repeats, write)
+    return out
+
+
+def codec_figures(out: str, n_tiles: int, repeats: int) -> None:
+    """Blosc (zstd, byte shuffle) on the L1 members of the written shards."""
+    try:
+        from numcodecs import Blosc
+    except ImportError:
+        print("byte-shuffled zstd: numcodecs is not installed (pip install numcodecs); skipped")
+        return
+    Blosc.use_threads = False  # one loader worker = one core
+    print("byte-shuffled zstd (numcodecs Blosc) of the L1 float16 members, lossless:")
+    arrays, total = [], 0
+    for path in sorted(glob.glob(os.path.join(out, "train", "*.tar"))):
+        for raw in samples.iter_tar(path):
+            arrays.append(samples.npy_array(raw[samples.L1_KEY]))
+            total += sum(len(v) for k, v in raw.items() if k != "__key__")
+    l1_bytes = sum(a.nbytes for a in arrays)
+    dst = np.empty_like(arrays[0])
+    paths = sorted(glob.glob(os.path.join(out, "train", "*.tar")))
+
+    def plain():  # the loader's path: each L1 payload read from its shard into the batch
+        for path in paths:
+            for raw in samples.iter_tar(path, 1 << 20):
+                samples.npy_array(raw[samples.L1_KEY]).read_into(dst)
+
+    t_plain = best_of(repeats, plain)
+    for level in (1, 3):
+        codec = Blosc(cname="zstd", clevel=level, shuffle=Blosc.SHUFFLE)
+        t = time.perf_counter()
+        enc = [codec.encode(a) for a in arrays]
+        t_enc = time.perf_counter() - t
+        comp = sum(len(e) for e in enc)
+
+        def decode(codec=codec, enc=enc):
+            for e in enc:
+                codec.decode(e, out=dst)
+
+        t_dec = best_of(repeats, decode)
+        per_tile = (total - l1_bytes + comp) / n_tiles
+        print(f"  zstd level {level} + byte shuffle: L1 {l1_bytes / comp:.2f}x smaller, "
+              f"sample {total / n_tiles / 1e6:.2f} -> {per_tile / 1e6:.2f} MB "
+              f"({total / n_tiles / per_tile:.2f}x); decode {l1_bytes / t_dec / 1e9:.2f} GB/s "
+              f"per core = {t_plain / t_dec:.2f}x the loader's read of the same tiles "
+              f"from the shards ({l1_bytes / t_plain / 1e9:.2f} GB/s); encode "
+              f"{l1_bytes / t_enc / 1e9:.2f} GB/s per core")
+
+
+def against_revision(rev: str, gran: str, workdir: str, common: list[str], stats: str,
+                     repeats: int) -> None:
+    """make_shards of git revision ``rev`` (exported with ``git archive``) against this tree,
+    each in a fresh process, interleaved, best of ``repeats``."""
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    old = os.path.join(workdir, f"rev-{rev}")
+    if not os.path.exists(os.path.join(old, "data_prep")):
+        os.makedirs(old, exist_ok=True)
+        archive = subprocess.run(["git", "-C", here, "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+    outs = {old: os.path.join(workdir, "shards-rev"), here: os.path.join(workdir, "shards-this")}
+    code = ("import sys, time; from data_prep import make_shards; t = time.perf_counter(); "
+            "assert make_shards.main(sys.argv[1:]) == 0; print(time.perf_counter() - t)")
+
+    def one(tree: str, given: bool) -> float:
+        out = outs[tree]
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-c", code, gran, out] + common + \
+            (["--stats", stats] if given else [])
+        r = subprocess.run(cmd, cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
+                           capture_output=True, text=True, check=True)
+        return float(r.stdout.split()[-1])
+
+    best: dict = {}
+    for _ in range(repeats):
+        for name, tree in ((rev, old), ("this tree", here)):
+            for given in (False, True):
+                t = one(tree, given)
+                best[name, given] = min(best.get((name, given), t), t)
+    a, b = (read_json(os.path.join(outs[t], "sizes.json")) for t in (old, here))
+    same = a == b and all(open(os.path.join(outs[old], k), "rb").read()
+                          == open(os.path.join(outs[here], k), "rb").read() for k in a)
+    print(f"  shards of both, statistics given: {'byte-identical' if same else 'DIFFERENT'}")
+    for given in (False, True):
+        what = "statistics given" if given else "with statistics pass"
+        print(f"  {what:22s} {rev}: {best[rev, given]:6.2f} s, this tree: "
+              f"{best['this tree', given]:6.2f} s -> {best[rev, given] / best['this tree', given]:.1f}x "
+              "faster")
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--granules", type=int, default=2)
-    p.add_argument("--mirror-steps", type=int, default=64)
-    p.add_argument("--xtrack", type=int, default=256)
+    p.add_argument("--mirror-steps", type=int, default=132)
+    p.add_argument("--xtrack", type=int, default=512)
     p.add_argument("--channels", type=int, default=1028)
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="make_shards workers (default: one per core)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workdir", default=None)
+    p.add_argument("--workdir", default="/tmp/bench_shards")
+    p.add_argument("--against", metavar="GIT_REV", default=None,
+                   help="also time make_shards of this git revision, interleaved with this "
+                        "tree (fresh processes, best of 2)")
     args = p.parse_args()
-    work = args.workdir or tempfile.mkdtemp(prefix="bench_shards-")
-    gran = os.path.join(work, "granules")
-    if not os.path.exists(gran):
+    gran = os.path.join(args.workdir, f"granules_{args.granules}x{args.mirror_steps}x"
+                                      f"{args.xtrack}x{args.channels}")
+    if not os.path.exists(os.path.join(gran, "done")):
+        shutil.rmtree(gran, ignore_errors=True)
         synthesize.main([gran, "--granules", str(args.granules), "--mirror-steps",
                          str(args.mirror_steps), "--xtrack", str(args.xtrack), "--channels",
-                         str(args.channels)])
+                         str(args.channels), "--seed", "1"])
+        open(os.path.join(gran, "done"), "w").close()
     found, _ = discover(find_files(gran))
-    ags = [read_granule(g, ReadOptions()) for g in found.values()]
-    c = ags[0].radiance.shape[-1]
-    mean, std = np.zeros(c, np.float32) + 29.0, np.ones(c, np.float32)
-    encoded = [s for ag in ags for _, s in cut_tiles(ag, mean, std, TileOptions()) if s]
-    n = len(encoded)
-    payload = sum(len(v) for s in encoded for k, v in s.items() if k != "__key__")
-    print(f"{n} tiles of {c}x64x64, {payload / n / 1e6:.2f} MB of arrays per tile")
+    rad_files = sorted(g.rad for g in found.values())
+    out = os.path.join(args.workdir, "shards")
+    stats_file = os.path.join(args.workdir, "stats.json")
+    # one unit per granule: a month has thousands of units; two granules need two
+    shard = str(int(args.mirror_steps * args.xtrack * args.channels * 2 * 0.9))
+    common = ["--quiet", "--val-fraction", "0", "--workers", str(args.workers),
+              "--shard-size", shard]
 
-    import webdataset as wds
-
-    def raw():
-        with open(os.path.join(work, "raw.bin"), "wb") as f:
-            for s in encoded:
-                for k, v in s.items():
-                    if k != "__key__":
-                        f.write(v)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def shards():
-        d = os.path.join(work, "sw")
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
-        w = wds.ShardWriter(os.path.join(d, "%04d.tar"), maxsize=1e9, encoder=False,
-                            verbose=0, mtime=0.0)
-        for s in encoded:
-            w.write(s)
-        w.close()
-        for f in os.listdir(d):
-            with open(os.path.join(d, f), "rb+") as fh:
-                os.fsync(fh.fileno())
-
-    def e2e():
-        out = os.path.join(work, "e2e")
+    def e2e_stats():
         shutil.rmtree(out, ignore_errors=True)
-        make_shards.main([gran, out, "--quiet", "--val-fraction", "0"])
+        assert make_shards.main([gran, out] + common) == 0
 
-    t_raw = best_of(args.repeats, raw)
-    t_sh = best_of(args.repeats, shards)
-    t_e2e = best_of(1, e2e)
-    tar_bytes = sum(os.path.getsize(os.path.join(work, "sw", f))
-                    for f in os.listdir(os.path.join(work, "sw")))
+    def e2e_given():
+        shutil.rmtree(out, ignore_errors=True)
+        assert make_shards.main([gran, out, "--stats", stats_file] + common) == 0
 
-    import torch
+    def stats_only():
+        st, _ = compute_stats.compute(list(found.values()), ReadOptions(), args.workers,
+                                      progress=False)
+        atomic_write_json(stats_file, st.to_json())
 
-    batch = torch.from_numpy(np.ascontiguousarray(
-        ags[0].radiance[:64, :64].astype(np.float32)[None].repeat(64, 0)))  # [64, H, W, C]
-    pt_path = os.path.join(work, "research.pt")
-    torch.save(batch, pt_path)
-    pt_per_tile = os.path.getsize(pt_path) / 64
-    print(f"raw write      {n / t_raw:8.1f} tiles/s  {payload / t_raw / 1e9:.3f} GB/s")
-    print(f"ShardWriter    {n / t_sh:8.1f} tiles/s  ratio to raw {t_raw / t_sh:.2f}")
-    print(f"make_shards    {n / t_e2e:8.1f} tiles/s  ratio to raw {t_raw / t_e2e:.2f} "
-          "(includes netCDF read + stats pass + normalise; 1 worker)")
-    print(f"bytes per tile: shards {tar_bytes / n / 1e6:.2f} MB, research fp32 .pt "
-          f"{pt_per_tile / 1e6:.2f} MB -> {pt_per_tile / (tar_bytes / n):.2f}x smaller")
-    sizes = read_json(os.path.join(work, "e2e", "sizes.json"))
-    print(f"(e2e wrote {sum(sizes.values())} tiles in {len(sizes)} shards; workdir {work})")
+    raw_read(rad_files)  # page cache warm for everyone
+    t_stats = best_of(1, stats_only)
+    t_raw = best_of(args.repeats, lambda: raw_read(rad_files))
+    t_masked = best_of(args.repeats, lambda: raw_read(rad_files, masked=True))
+    t_a = best_of(1, e2e_stats)
+    t_b = best_of(2, e2e_given)
+    t_raw = min(t_raw, best_of(args.repeats, lambda: raw_read(rad_files)))  # noise check
+    per_stage = stages(next(iter(found.values())), read_json(stats_file), 2)
+
+    sizes = read_json(os.path.join(out, "sizes.json"))
+    n = sum(sizes.values())
+    tar_bytes = sum(os.path.getsize(os.path.join(out, k)) for k in sizes)
+    m, x, c = args.mirror_steps, args.xtrack, args.channels
+    print(f"{args.granules} granules of {m} x {x} x {c}; {n} tiles of {c} x 64 x 64 in "
+          f"{len(sizes)} shards; {args.workers} workers (cores: {os.cpu_count()}, load "
+          f"average {os.getloadavg()[0]:.1f} at the end: other work on the cores slows the "
+          "parallel figures, not the per-core one)")
+    print(f"raw netCDF4 read of the radiance      {t_raw:7.2f} s  (1 process; masked "
+          f"arrays, netCDF4's default: {t_masked:.2f} s)")
+    print(f"make_shards (a) with statistics pass  {t_a:7.2f} s  ratio raw/e2e "
+          f"{t_raw / t_a:.2f} (vs the default read {t_masked / t_a:.2f})")
+    print(f"make_shards (b) statistics given      {t_b:7.2f} s  ratio raw/e2e "
+          f"{t_raw / t_b:.2f} (vs the default read {t_masked / t_b:.2f})")
+    print(f"statistics pass alone                 {t_stats:7.2f} s  ratio raw/stats "
+          f"{t_raw / t_stats:.2f}")
+    total = sum(v for k, v in per_stage.items() if not k.startswith(" "))
+    print(f"one granule, one process, by stage: {total:.2f} s = ratio raw/pipeline per core "
+          f"{t_raw / len(rad_files) / total:.2f} (vs the default read "
+          f"{t_masked / len(rad_files) / total:.2f}); what one worker per free core gives")
+    for k, v in per_stage.items():
+        print(f"  {k:42s} {v:6.2f} s  {v / total:.0%}")
+    per_tile = tar_bytes / n
+    l1 = c * 64 * 64 * 2
+    print(f"bytes per tile: {per_tile / 1e6:.3f} MB in the shards (L1 float16 "
+          f"{l1 / 1e6:.3f} MB = {l1 / per_tile:.1%}; L2 + geo float32 "
+          f"{2 * 4 * 64 * 64 * 4 / 1e6:.3f} MB; json + tar headers the rest)")
+    bw = RESEARCH_TILES_PER_S * per_tile
+    print(f"GPU read bandwidth at the research model's {RESEARCH_TILES_PER_S:.0f} tiles/s: "
+          f"{bw / 1e6:.0f} MB/s per GPU, {8 * bw / 1e9:.2f} GB/s for 8 GPUs")
+    codec_figures(out, n, args.repeats)
+    if args.against:
+        print(f"make_shards end to end against revision {args.against}:")
+        against_revision(args.against, gran, args.workdir, common, stats_file, 2)
     return 0
 
 

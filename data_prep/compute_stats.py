@@ -13,7 +13,6 @@ results are computed per granule in parallel and merged exactly.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import sys
 
@@ -21,9 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.granule import ReadOptions, read_granule
+from data_prep.logs import get_logger, setup_logging
 from data_prep.stats import DatasetStats, log_radiance
 from data_prep.tempo import GranuleFiles, TempoFileError, discover, find_files
-from data_prep.util import atomic_write_json
+from data_prep.util import argument_parser, atomic_write_json
+
+log = get_logger(__name__)
 
 
 def granule_stats(g: GranuleFiles, opts: ReadOptions, k: int = 1_000_000) -> DatasetStats:
@@ -53,7 +55,7 @@ def compute(granules: list[GranuleFiles], opts: ReadOptions, workers: int = 1,
     total: DatasetStats | None = None
     errors: dict[str, str] = {}
     jobs = [(g, opts, k) for g in granules]
-    with (mp.get_context("spawn").Pool(workers) if workers > 1 else _Inline()) as pool:
+    with (pool_context().Pool(workers) if workers > 1 else _Inline()) as pool:
         it = pool.imap_unordered(_job, jobs)
         for key, st, err in tqdm(it, total=len(jobs), desc="stats", unit="granule",
                                  disable=not progress, file=sys.stderr):
@@ -68,6 +70,21 @@ def compute(granules: list[GranuleFiles], opts: ReadOptions, workers: int = 1,
             else:
                 total.merge(st)
     return total, errors
+
+
+def pool_context():
+    """Worker processes from a fork server where the platform has one: the server is
+    started once, clean (no threads), with numpy, netCDF4 and the reading code imported,
+    and each worker is forked from it in milliseconds. A plain fork of the calling process
+    is not used: a process with threads (OpenBLAS, OpenMP, tqdm's monitor, a caller's
+    own) can hand a worker a lock that is never released, and the worker hangs; spawn
+    (elsewhere) imports everything again in each worker (~0.4 s)."""
+    methods = mp.get_all_start_methods()
+    if "forkserver" not in methods:
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["numpy", "netCDF4", "data_prep.granule", "data_prep.stats"])
+    return ctx
 
 
 class _Inline:
@@ -85,28 +102,38 @@ class _Inline:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.compute_stats",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m data_prep.compute_stats", __doc__)
     p.add_argument("input_dir", help="folder with TEMPO granules (searched recursively)")
     p.add_argument("out_json", help="stats file to write")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--band", default=ReadOptions.band)
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (one per core)")
+    p.add_argument("--band", default=ReadOptions.band, help="RAD band group to read")
     p.add_argument("--sample-size", type=int, default=1_000_000,
                    help="values kept per L2 product for median/MAD (exact below this)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="use a seeded sample of this fraction of the granules")
+    p.add_argument("--min-granules", type=int, default=8,
+                   help="with --fraction: but at least this many")
+    p.add_argument("--seed", type=int, default=42, help="seed of the granule sample")
     args = p.parse_args(argv)
+    setup_logging()
+    if not 0 < args.fraction <= 1 or args.min_granules < 1:
+        p.error("--fraction must be in (0, 1] and --min-granules >= 1")
     granules, ignored = discover(find_files(args.input_dir))
-    usable = [g for g in granules.values() if g.rad is not None]
+    usable = {g.gid.key: g for g in granules.values() if g.rad is not None}
     if not usable:
-        print(f"error: no RAD L1 granules found in {args.input_dir}", file=sys.stderr)
+        log.error(f"no RAD L1 granules found in {args.input_dir}")
         return 2
+    from data_prep.make_shards import sample_granules
+
+    usable = [usable[k] for k in sample_granules(list(usable), args.fraction,
+                                                 args.min_granules, args.seed)]
     stats, errors = compute(usable, ReadOptions(band=args.band), args.workers, args.sample_size)
     for key, err in errors.items():
-        print(f"error: granule {key}: {err}", file=sys.stderr)
+        log.error(f"granule {key}: {err}")
     if stats is None:
         return 1
     atomic_write_json(args.out_json, stats.to_json())
-    print(f"stats from {len(stats.granules)} granules written to {args.out_json} "
+    log.info(f"stats from {len(stats.granules)} granules written to {args.out_json} "
           f"({len(errors)} granules failed, {len(ignored)} files ignored)")
     return 1 if errors else 0
 

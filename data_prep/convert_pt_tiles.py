@@ -24,13 +24,13 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import samples
+from data_prep import samples, shard_format
 from data_prep.granule import normalise
 from data_prep.logs import get_logger, setup_logging
-from data_prep.make_shards import SPLITS, parse_size, split_granules
+from data_prep.make_shards import parse_size, split_granules
+from data_prep.shard_format import L2_ORDER, SPLITS
 from data_prep.stats import DatasetStats, log_radiance
-from data_prep.tempo import L2_ORDER
-from data_prep.util import argument_parser, atomic_write_json
+from data_prep.util import argument_parser
 
 log = get_logger(__name__)
 
@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     os.makedirs(tmp, exist_ok=True)
     sizes: dict[str, int] = {}
     tiles = []
+    tile_hw: set[tuple[int, int]] = set()
     for s in SPLITS:
         os.makedirs(os.path.join(args.out_dir, s), exist_ok=True)
         counts: dict[str, int] = {}
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
                 z = normalise(rad[i], mean, std)
                 z[bad] = 0.0
                 l1 = z.transpose(2, 0, 1)  # (C, H, W)
+                tile_hw.add(l1.shape[1:])
                 geo = np.full((4,) + l1.shape[1:], np.nan, np.float32)
                 meta = {"key": key, "granule": name, "tile_index": i, "source": name + ".pt",
                         "missing_products": missing, "l1_filled_values": int(bad.sum()),
@@ -192,17 +194,21 @@ def main(argv=None) -> int:
             sizes[rel] = n
     shutil.rmtree(tmp, ignore_errors=True)
     per_split = {s: sum(n for k, n in sizes.items() if k.startswith(s + "/")) for s in SPLITS}
-    atomic_write_json(os.path.join(args.out_dir, "stats.json"), stats_json)
-    atomic_write_json(os.path.join(args.out_dir, "sizes.json"), sizes)
-    atomic_write_json(os.path.join(args.out_dir, "manifest.json"), {
-        "format": "tempo-vae-shards/1", "source": "convert_pt_tiles", "l2_order": list(L2_ORDER),
+    if len(tile_hw) > 1 or any(h != w for h, w in tile_hw):
+        log.error(f"tiles of several or non-square sizes {sorted(tile_hw)}: the shard format "
+                  "holds square tiles of one size; convert them in separate folders")
+        return 2
+    # one .pt file holds one granule's tiles: its errors are the granule errors
+    manifest = shard_format.manifest_header("convert_pt_tiles", next(iter(tile_hw))[0]
+                                            if tile_hw else 0) | {
         "l2_scales_applied": scales,
         "splits": {s: sorted(n for n in names if split[n] == s) for s in SPLITS},
         "counts": {"written": len(tiles), "per_split": per_split, "dropped": {},
-                   "file_errors": len(errors)},
-        "file_errors": errors, "tiles": tiles})
+                   "granules": len(names), "granule_errors": len(errors)},
+        "granule_errors": errors, "tiles": tiles}
+    shard_format.write_metadata(args.out_dir, sizes, stats_json, manifest)
     log.info(f"{len(tiles)} tiles from {len(names) - len(errors)} files -> {args.out_dir} "
-          f"({per_split}); file errors: {len(errors)}")
+             f"({per_split}); file errors: {len(errors)}")
     for e in errors.values():
         log.error(f"{e}")
     return 1 if errors else 0

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 
 from data_prep import samples
-from data_prep.stats import Z_CLIP, log_radiance
+from data_prep.stats import LOG_CLAMP_MIN, Z_CLIP, log_radiance
 from data_prep.tempo import (
     DEFAULT_QA,
     L1_BAND,
@@ -139,6 +139,46 @@ def normalised_error(rad: np.ndarray, err: np.ndarray, std: np.ndarray) -> np.nd
             np.float32)
 
 
+class _Normalised:
+    """Work shared by the tiles of one band of rows (``size`` rows from ``r0``), done once
+    per band in place instead of once per tile: ``n_bad(r0)`` (size, X') invalid channels
+    per pixel and ``z(r0)`` (size, X', C) float32 = ``normalise(radiance)`` with invalid
+    values (channel mean, 0) and pixels with too many invalid channels (all 0) filled.
+    Only the current band is kept (memory of one band, not of the granule); columns no
+    tile uses are left out. Elementwise identical to normalising each tile."""
+
+    def __init__(self, radiance: np.ndarray, positions, t: TileOptions, mean, std):
+        cols = max(c for _, c in positions) + t.size
+        self.radiance, self.size, self.t = radiance[:, :cols], t.size, t
+        self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+        self._r0: int | None = None
+        self._bad = self._n_bad = self._z = None
+
+    def _band(self, r0: int) -> None:
+        if self._r0 != r0:
+            rad = self.radiance[r0:r0 + self.size]
+            self._bad = ~np.isfinite(rad)
+            self._n_bad = self._bad.sum(axis=-1, dtype=np.int32)
+            self._z, self._r0 = None, r0
+
+    def n_bad(self, r0: int) -> np.ndarray:
+        self._band(r0)
+        return self._n_bad
+
+    def z(self, r0: int) -> np.ndarray:
+        self._band(r0)
+        if self._z is None:
+            z = np.maximum(self.radiance[r0:r0 + self.size], np.float32(LOG_CLAMP_MIN))
+            np.log(z, out=z)
+            np.subtract(z, self.mean, out=z)
+            np.divide(z, self.std, out=z)
+            np.clip(z, -Z_CLIP, Z_CLIP, out=z)
+            z[self._bad] = 0.0
+            z[self._n_bad / z.shape[-1] > self.t.max_bad_channel_fraction] = 0.0
+            self._z = z
+        return self._z
+
+
 def tile_positions(m: int, x: int, t: TileOptions) -> list[tuple[int, int]]:
     return [(r, c) for r in range(0, m - t.size + 1, t.stride)
             for c in range(0, x - t.size + 1, t.stride)]
@@ -157,11 +197,12 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
     the encoded sample dict for tiles that are kept.
     """
     m, x, c = g.radiance.shape
-    for r0, c0 in tile_positions(m, x, t):
+    positions = tile_positions(m, x, t)
+    prep = _Normalised(g.radiance, positions, t, mean, std) if positions else None
+    for r0, c0 in positions:
         key = f"{g.key}_r{r0:04d}_c{c0:04d}"
-        rad = g.radiance[r0:r0 + t.size, c0:c0 + t.size]  # (H, W, C)
-        bad = ~np.isfinite(rad)
-        bad_frac = bad.mean(axis=-1)  # (H, W)
+        n_bad = prep.n_bad(r0)[:, c0:c0 + t.size]  # (H, W) invalid channels
+        bad_frac = n_bad / c  # (H, W)
         pixel_ok = bad_frac <= t.max_bad_channel_fraction
         valid_frac = float(pixel_ok.mean())
         l2 = g.l2[:, r0:r0 + t.size, c0:c0 + t.size]
@@ -172,12 +213,10 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
             rec.update(status="dropped", reason="l1_valid_fraction_below_min")
             yield rec, None
             continue
-        z = normalise(rad, mean, std)
-        filled = int(bad.sum())
-        if filled:
-            z[bad] = 0.0  # channel mean; counted below
-            z[~pixel_ok] = 0.0
-        l1 = np.ascontiguousarray(z.transpose(2, 0, 1), dtype=samples.L1_DTYPE)  # (C, H, W)
+        z = prep.z(r0)[:, c0:c0 + t.size]  # invalid values already 0, counted:
+        filled = int(n_bad.sum())
+        # cast first, then transpose the half-size copy: (C, H, W)
+        l1 = np.ascontiguousarray(z.astype(samples.L1_DTYPE).transpose(2, 0, 1))
         geo = g.geo[:, r0:r0 + t.size, c0:c0 + t.size]
         tmid = g.time[r0 + t.size // 2] if g.time.size else np.nan
         meta = {"key": key, "granule": g.key, "row": r0, "col": c0, "size": t.size,
@@ -189,9 +228,10 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
             meta["mirror_step"] = int(g.mirror_step[r0])  # absolute scan position of row 0
         sample = samples.encode(key, l1, l2, geo, meta)
         if g.radiance_error is not None:
+            rad = g.radiance[r0:r0 + t.size, c0:c0 + t.size]  # (H, W, C)
             sigma = normalised_error(rad, g.radiance_error[r0:r0 + t.size, c0:c0 + t.size],
                                      std)
-            sigma[bad | ~pixel_ok[..., None]] = np.inf
+            sigma[~np.isfinite(rad) | ~pixel_ok[..., None]] = np.inf
             sample[samples.SIGMA_KEY] = samples.npy_bytes(np.minimum(
                 sigma.transpose(2, 0, 1), samples.SIGMA_UNKNOWN).astype(samples.L1_DTYPE))
         rec.update(status="written", l1_filled_values=filled)

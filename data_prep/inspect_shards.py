@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import samples
+from data_prep import samples, shard_format
 from data_prep.logs import get_logger, setup_logging
 from data_prep.util import argument_parser, read_json
 
@@ -32,16 +32,22 @@ def iter_tar_samples(path: str):
 
 def inspect(shard_dir: str, progress: bool = True) -> tuple[dict, list[str]]:
     problems: list[str] = []
-    sizes_path = os.path.join(shard_dir, "sizes.json")
+    sizes_path = os.path.join(shard_dir, shard_format.SIZES)
     if not os.path.exists(sizes_path):
         return {}, [f"{sizes_path}: missing"]
     sizes = read_json(sizes_path)
-    manifest_path = os.path.join(shard_dir, "manifest.json")
+    manifest_path = os.path.join(shard_dir, shard_format.MANIFEST)
     manifest = read_json(manifest_path) if os.path.exists(manifest_path) else None
     if manifest is None:
         problems.append(f"{manifest_path}: missing")
+    else:
+        try:
+            shard_format.check_manifest(manifest, manifest_path)
+        except shard_format.ShardFormatError as e:
+            problems.append(str(e))
     on_disk = sorted(os.path.relpath(os.path.join(d, f), shard_dir)
-                     for s in ("train", "val") for d, _, fs in os.walk(os.path.join(shard_dir, s))
+                     for s in shard_format.SPLITS
+                     for d, _, fs in os.walk(os.path.join(shard_dir, s))
                      for f in fs if f.endswith(".tar"))
     for rel in sorted(set(on_disk) - set(sizes)):
         problems.append(f"{rel}: shard on disk but not in sizes.json")

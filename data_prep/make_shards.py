@@ -5,11 +5,13 @@ searched recursively. Outputs in OUT_DIR:
 
     train/*.tar, val/*.tar   WebDataset shards (sample format: data_prep/samples.py)
     sizes.json               shard path relative to OUT_DIR -> number of samples
-    stats.json               normalisation stats of the training split (compute_stats)
+    stats.json               normalisation stats from a seeded sample of the training
+                             granules (--stats-fraction; compute_stats)
     manifest.json            every candidate tile: written, or dropped with its reason;
                              every input file used or ignored; the QA rules and what
                              each removed (per product, per bit or value, per granule)
     plan.json                inputs and options of this run (a re-run must match it)
+    units.json               the train/val split and the work units (granules of each)
 
 Granules are split into train/val by a seeded permutation (no granule in both), grouped
 into work units of about one shard's worth of tiles, and units run in parallel. Each unit
@@ -18,6 +20,12 @@ writes into ``.tmp/`` and moves finished shards into place before recording itse
 completes without duplicates or lost tiles.
 
     python -m data_prep.make_shards data/synthetic data/shards --workers 2
+
+On many nodes the same work runs as three steps with the same inputs and options: one
+``--step plan`` (split, statistics, units), N independent ``--step run --task-index I
+--num-tasks N`` (task I runs units I, I+N, I+2N, ...; a SLURM job array:
+``scripts/make_shards_array.sbatch``), one ``--step merge`` (sizes.json, manifest.json,
+checks). The result is byte for byte that of one process.
 """
 
 from __future__ import annotations
@@ -26,21 +34,23 @@ import argparse
 import dataclasses
 import glob
 import json
-import multiprocessing as mp
+import math
 import os
 import re
 import shutil
 import sys
+import tarfile
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import compute_stats
+from data_prep import compute_stats, shard_format
 from data_prep.granule import ReadOptions, TileOptions, cut_tiles, read_granule, tile_positions
+from data_prep.logs import get_logger, setup_logging
 from data_prep.samples import L1_DTYPE
+from data_prep.shard_format import FORMAT, SPLITS
 from data_prep.tempo import (
-    L2_ORDER,
     GranuleFiles,
     TempoFileError,
     discover,
@@ -48,10 +58,10 @@ from data_prep.tempo import (
     qa_rules,
     qa_rules_json,
 )
-from data_prep.util import atomic_write_json, read_json
+from data_prep.util import argument_parser, atomic_write_json, read_json
 
-FORMAT = "tempo-vae-shards/1"
-SPLITS = ("train", "val")
+log = get_logger(__name__)
+
 
 
 class OutputDirError(Exception):
@@ -141,6 +151,68 @@ def plan_units(granules: dict[str, GranuleFiles], split: dict[str, str], tile: T
     return units
 
 
+class TarShardWriter:
+    """Numbered tar shards (``pattern % index``, from 0), each closed when it holds
+    ``max_count`` samples or ``max_bytes`` of payload: the rules and the bytes of
+    webdataset's ``ShardWriter(..., encoder=False, mtime=0.0)`` (tested), written with the
+    standard library's tar headers and each payload written straight from its buffer
+    (no copy through ``BytesIO``, no 16 KiB copy loop, no torch import in workers).
+
+    ``write(sample)``: ``sample`` maps ``__key__`` to the key and extensions to bytes; its
+    members are written in sorted extension order as ``<key>.<ext>``."""
+
+    user = group = "bigdata"
+    mode = 0o444
+
+    def __init__(self, pattern: str, max_count: int, max_bytes: float):
+        self.pattern, self.max_count, self.max_bytes = pattern, max_count, max_bytes
+        self.shard, self.count, self.size = 0, 0, 0
+        self.fname: str | None = None
+        self._f = None
+        self._offset = 0
+
+    def _next(self) -> None:
+        self.close()
+        self.fname = self.pattern % self.shard
+        self.shard += 1
+        self._f = open(self.fname, "wb")
+        self.count = self.size = self._offset = 0
+
+    def _member(self, name: str, data) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode = len(data), 0.0, self.mode
+        ti.uname, ti.gname = self.user, self.group
+        head = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self._f.write(head)
+        self._f.write(data)
+        if pad:
+            self._f.write(tarfile.NUL * pad)
+        self._offset += len(head) + len(data) + pad
+
+    def write(self, sample: dict) -> None:
+        if self._f is None or self.count >= self.max_count or self.size >= self.max_bytes:
+            self._next()
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if k != "__key__"):
+            data = sample[ext]
+            if isinstance(data, str):
+                data = data.encode()
+            self._member(f"{key}.{ext}", data)
+            self.size += len(data)
+        self.count += 1
+
+    def close(self) -> None:
+        if self._f is None:
+            return
+        end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+        self._offset += len(end)
+        end += tarfile.NUL * (-self._offset % tarfile.RECORDSIZE)
+        self._f.write(end)
+        self._f.close()
+        self._f = None
+
+
 def _unit_files(out_dir: str, unit: Unit) -> list[str]:
     return glob.glob(os.path.join(out_dir, unit.split, f"{unit.id}-*.tar"))
 
@@ -149,8 +221,6 @@ def process_unit(out_dir: str, unit: Unit, granules: dict[str, GranuleFiles], me
                  read_opts: ReadOptions, tile: TileOptions, shard_bytes: int,
                  max_count: int) -> dict:
     """Write one unit's shards and record it as done. Safe to re-run after a crash."""
-    import webdataset as wds
-
     for f in _unit_files(out_dir, unit):
         os.unlink(f)
     tmp = os.path.join(out_dir, ".tmp", unit.id)
@@ -158,9 +228,8 @@ def process_unit(out_dir: str, unit: Unit, granules: dict[str, GranuleFiles], me
     os.makedirs(tmp)
     counts: dict[str, int] = {}
     records, reports, errors = [], {}, {}
-    writer = wds.ShardWriter(os.path.join(tmp, "%04d.tar"), maxcount=max_count,
-                             maxsize=shard_bytes, encoder=False, verbose=0,
-                             mtime=0.0)  # fixed mtime: identical inputs give identical bytes
+    # fixed mtime: identical inputs give identical bytes
+    writer = TarShardWriter(os.path.join(tmp, "%04d.tar"), max_count, shard_bytes)
     try:
         for key in unit.granules:
             try:
@@ -225,7 +294,7 @@ def _check_out_dir(out_dir: str, plan: dict, overwrite: bool) -> None:
                              "even with --overwrite")
     for name in SPLITS + (".done", ".tmp"):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    for name in ("sizes.json", "manifest.json", "stats.json", "plan.json"):
+    for name in ("sizes.json", "manifest.json", "stats.json", "plan.json", "units.json"):
         if os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))
 
@@ -254,12 +323,7 @@ def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) 
             dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
     written = sum(1 for r in tiles if r["status"] == "written")
     per_split = {s: sum(n for k, n in sizes.items() if k.startswith(s + "/")) for s in SPLITS}
-    manifest = {
-        "format": FORMAT,
-        "l2_order": list(L2_ORDER),
-        "l2_units": {"NO2": "molecules/cm^2", "O3TOT": "DU", "HCHO": "molecules/cm^2",
-                     "CLDO4": "1"},
-        "geo_order": ["latitude", "longitude", "sza", "vza"],
+    manifest = shard_format.manifest_header("make_shards", plan["options"]["tile"]["size"]) | {
         "options": plan["options"],
         "splits": {s: sorted(k for k, v in split.items() if v == s) for s in SPLITS},
         "counts": {"candidate_tiles": sum(1 for r in tiles if r["key"]),
@@ -274,25 +338,33 @@ def build_manifest(out_dir: str, plan: dict, units: list[Unit], ignored, split) 
         "granules": reports,
         "tiles": tiles,
     }
-    atomic_write_json(os.path.join(out_dir, "sizes.json"), dict(sorted(sizes.items())))
-    atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    shard_format.write_metadata(out_dir, sizes, None, manifest)  # stats.json: at --step plan
     return manifest
 
 
-def run(args) -> int:
+def sample_granules(keys: list[str], fraction: float, min_granules: int, seed: int) -> list[str]:
+    """Deterministic sample of granule keys for the statistics: a seeded permutation of the
+    sorted keys, the first ``max(min_granules, ceil(fraction * n))`` of them (all when that
+    is n or more), returned sorted."""
+    keys = sorted(keys)
+    n = min(len(keys), max(min_granules, math.ceil(fraction * len(keys))))
+    order = np.random.default_rng([seed, 5]).permutation(len(keys))
+    return sorted(keys[i] for i in order[:n])
+
+
+def _discover(args):
+    """(granules by key, ignored files, plan dict) from the input folder and options."""
     try:
         rules = load_qa_rules(args.qa_rules, args.qa)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise OutputDirError(str(e)) from None
     read_opts = ReadOptions(band=args.band, mirror_step_policy=args.mirror_step_policy,
                             require_products=args.require_products, qa=qa_rules_json(rules),
                             radiance_error=args.radiance_error)
     tile = TileOptions(args.tile_size, args.stride or args.tile_size, args.min_valid_fraction,
                        args.max_bad_channel_fraction)
     if not os.path.isdir(args.input_dir):
-        print(f"error: input folder {args.input_dir} does not exist", file=sys.stderr)
-        return 2
+        raise OutputDirError(f"input folder {args.input_dir} does not exist")
     files = find_files(args.input_dir)
     found, ignored = discover(files)
     for g in list(found.values()):
@@ -302,10 +374,8 @@ def run(args) -> int:
             del found[g.gid]
     granules = {g.gid.key: g for g in found.values()}
     if not granules:
-        print(f"error: no granule with a RAD L1 file in {args.input_dir} "
-              f"({len(files)} files looked at)", file=sys.stderr)
-        return 2
-    split = split_granules(list(granules), args.val_fraction, args.seed)
+        raise OutputDirError(f"no granule with a RAD L1 file in {args.input_dir} "
+                             f"({len(files)} files looked at)")
     plan = {"format": FORMAT, "inputs": sorted(os.path.relpath(f, args.input_dir)
                                                for g in granules.values()
                                                for f in [g.rad, *g.l2.values()]),
@@ -313,89 +383,219 @@ def run(args) -> int:
                         "val_fraction": args.val_fraction, "seed": args.seed,
                         "shard_bytes": args.shard_size, "max_samples_per_shard":
                             args.max_samples_per_shard,
-                        "stats": os.path.abspath(args.stats) if args.stats else None}}
+                        "stats": os.path.abspath(args.stats) if args.stats else None,
+                        "stats_fraction": args.stats_fraction,
+                        "stats_min_granules": args.stats_min_granules}}
     plan = json.loads(json.dumps(plan))  # the form plan.json holds (lists, not tuples)
-    try:
-        _check_out_dir(args.out_dir, plan, args.overwrite)
-    except OutputDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return granules, ignored, plan, read_opts, tile
+
+
+def step_plan(args, granules, plan, read_opts, tile) -> int:
+    """Write plan.json, stats.json (sampled training granules, or --stats) and units.json."""
+    _check_out_dir(args.out_dir, plan, args.overwrite)
     os.makedirs(args.out_dir, exist_ok=True)
     for s in SPLITS + (".done",):
         os.makedirs(os.path.join(args.out_dir, s), exist_ok=True)
     atomic_write_json(os.path.join(args.out_dir, "plan.json"), plan)
-    t0 = time.time()
-
+    split = split_granules(list(granules), args.val_fraction, args.seed)
     stats_path = os.path.join(args.out_dir, "stats.json")
     if args.stats:
-        stats = read_json(args.stats)
-        atomic_write_json(stats_path, stats)
-    elif os.path.exists(stats_path):
-        stats = read_json(stats_path)
-    else:
-        train = [granules[k] for k, v in split.items() if v == "train"]
-        st, errs = compute_stats.compute(train, read_opts, args.workers, progress=not args.quiet)
+        atomic_write_json(stats_path, read_json(args.stats))
+    elif not os.path.exists(stats_path):
+        train = [k for k, v in split.items() if v == "train"]
+        use = sample_granules(train, args.stats_fraction, args.stats_min_granules, args.seed)
+        if not args.quiet and len(use) < len(train):
+            log.info(f"statistics from {len(use)} of {len(train)} training granules "
+                     f"(--stats-fraction {args.stats_fraction})")
+        st, errs = compute_stats.compute([granules[k] for k in use], read_opts, args.workers,
+                                         progress=not args.quiet)
         for k, e in errs.items():
-            print(f"warning: stats skip granule {k}: {e}", file=sys.stderr)
+            log.warning(f"stats skip granule {k}: {e}")
         if st is None:
-            print("error: no training granule could be read; nothing written", file=sys.stderr)
+            log.error("no training granule could be read; nothing written")
             return 1
-        stats = st.to_json()
-        atomic_write_json(stats_path, stats)
+        out = st.to_json()
+        out["sampled_from"] = {"training_granules": len(train), "used": len(use),
+                               "fraction": args.stats_fraction,
+                               "min_granules": args.stats_min_granules}
+        atomic_write_json(stats_path, out)
+    units_path = os.path.join(args.out_dir, "units.json")
+    if not os.path.exists(units_path):
+        units = plan_units(granules, split, tile, args.band, args.shard_size,
+                           args.radiance_error)
+        atomic_write_json(units_path, {"split": split,
+                                       "units": [dataclasses.asdict(u) for u in units]})
+    return 0
+
+
+def _load_units(out_dir: str) -> tuple[dict, list[Unit]]:
+    d = read_json(os.path.join(out_dir, "units.json"))
+    return d["split"], [Unit(**u) for u in d["units"]]
+
+
+def _require_plan(args, plan) -> None:
+    path = os.path.join(args.out_dir, "plan.json")
+    for name in ("plan.json", "stats.json", "units.json"):
+        if not os.path.exists(os.path.join(args.out_dir, name)):
+            raise OutputDirError(f"{os.path.join(args.out_dir, name)} is missing: run "
+                                 "--step plan first (same inputs and options)")
+    old = read_json(path)
+    if old != plan:
+        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        raise OutputDirError(f"{path} was planned with other inputs or options (differs in: "
+                             f"{', '.join(diff)}); give every step the same ones")
+
+
+def step_run(args, granules, read_opts, tile, task_index: int, num_tasks: int) -> int:
+    """Run the units of this task (unit i belongs to task i mod num_tasks) that are not done
+    yet; returns the number of units run."""
+    stats = read_json(os.path.join(args.out_dir, "stats.json"))
     mean = np.asarray(stats["l1"]["mean"], np.float32)
     std = np.asarray(stats["l1"]["std"], np.float32)
-
-    units = plan_units(granules, split, tile, args.band, args.shard_size, args.radiance_error)
+    _, units = _load_units(args.out_dir)
+    mine = [u for i, u in enumerate(units) if i % num_tasks == task_index]
     todo = []
-    for u in units:
+    for u in mine:
         marker = os.path.join(args.out_dir, ".done", f"{u.id}.json")
         if os.path.exists(marker) and not read_json(marker)["errors"]:
             continue
         todo.append(u)
-    skipped = len(units) - len(todo)
+    skipped = len(mine) - len(todo)
     if skipped and not args.quiet:
-        print(f"resuming: {skipped} of {len(units)} work units already done")
+        log.info(f"resuming: {skipped} of {len(mine)} work units already done")
     jobs = [(args.out_dir, u, granules, mean, std, read_opts, tile, args.shard_size,
              args.max_samples_per_shard) for u in todo]
-    with (mp.get_context("spawn").Pool(args.workers) if args.workers > 1 and len(jobs) > 1
-          else compute_stats._Inline()) as pool:
+    with (compute_stats.pool_context().Pool(min(args.workers, len(jobs)))
+          if args.workers > 1 and len(jobs) > 1 else compute_stats._Inline()) as pool:
         for _ in tqdm(pool.imap_unordered(_unit_job, jobs), total=len(jobs), desc="shards",
                       unit="unit", disable=args.quiet, file=sys.stderr):
             pass
+    return len(jobs)
+
+
+def verify(out_dir: str, manifest: dict) -> list[str]:
+    """Cheap checks of a merged folder (no shard is opened): every shard of sizes.json is
+    there with the byte size its unit recorded, and the counts tie out."""
+    problems = []
+    sizes = read_json(os.path.join(out_dir, "sizes.json"))
+    for rel, nbytes in manifest["shard_bytes"].items():
+        path = os.path.join(out_dir, rel)
+        if not os.path.exists(path):
+            problems.append(f"{rel}: missing")
+        elif os.path.getsize(path) != nbytes:
+            problems.append(f"{rel}: {os.path.getsize(path)} bytes, its unit wrote {nbytes}")
+    if set(sizes) != set(manifest["shard_bytes"]):
+        problems.append("sizes.json and manifest.json list different shards")
+    c = manifest["counts"]
+    if sum(sizes.values()) != c["written"]:
+        problems.append(f"sizes.json counts {sum(sizes.values())} samples, the manifest "
+                        f"{c['written']} written tiles")
+    on_disk = {os.path.join(s, f) for s in SPLITS for f in os.listdir(os.path.join(out_dir, s))}
+    extra = sorted(on_disk - set(sizes))
+    if extra:
+        problems.append(f"{len(extra)} shard file(s) not in sizes.json, e.g. {extra[0]}")
+    return problems
+
+
+def describe_ignored(ignored: list[tuple[str, str]], base: str | None = None) -> str:
+    """``ignored`` [(path, reason)] as a count per reason with one example each (relative
+    to ``base`` when given), e.g. ``16 (16 not a TEMPO granule file name, e.g.
+    truth/TEMPO_TRUTH_..._S001G01.nc; all listed in manifest.json)``."""
+    if not ignored:
+        return "0"
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in ignored:
+        by_reason.setdefault(reason, []).append(os.path.relpath(path, base) if base else path)
+    parts = [f"{len(paths)} {reason}, e.g. {paths[0]}" for reason, paths in
+             sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
+    return f"{len(ignored)} ({'; '.join(parts)}; all listed in manifest.json)"
+
+
+def step_merge(args, plan, ignored, t0: float) -> int:
+    split, units = _load_units(args.out_dir)
+    missing = [(i, u.id) for i, u in enumerate(units)
+               if not os.path.exists(os.path.join(args.out_dir, ".done", f"{u.id}.json"))]
+    if missing:
+        log.error(f"{len(missing)} of {len(units)} work units are not done, e.g. unit "
+                  f"{missing[0][0]} ({missing[0][1]}); run --step run for their tasks "
+                  "(unit i belongs to task i mod --num-tasks)")
+        return 1
     shutil.rmtree(os.path.join(args.out_dir, ".tmp"), ignore_errors=True)
     man = build_manifest(args.out_dir, plan, units, ignored, split)
+    problems = verify(args.out_dir, man)
+    for p in problems:
+        log.error(p)
     c = man["counts"]
-    print(f"{c['written']} tiles written ({c['per_split']['train']} train, "
-          f"{c['per_split']['val']} val) of {c['candidate_tiles']} candidates from "
-          f"{c['granules']} granules in {time.time() - t0:.1f}s; dropped: "
-          f"{json.dumps(c['dropped'])}; ignored files: {c['ignored_files']}; "
-          f"granule errors: {c['granule_errors']}")
+    log.info(f"{c['written']} tiles written ({c['per_split']['train']} train, "
+             f"{c['per_split']['val']} val) of {c['candidate_tiles']} candidates from "
+             f"{c['granules']} granules in {time.time() - t0:.1f}s; dropped: "
+             f"{json.dumps(c['dropped'])}; ignored files: {describe_ignored(ignored, args.input_dir)}; "
+             f"granule errors: {c['granule_errors']}")
     for k, e in man["granule_errors"].items():
-        print(f"error: granule {k}: {e}", file=sys.stderr)
-    return 1 if man["granule_errors"] else 0
+        log.error(f"granule {k}: {e}")
+    return 1 if man["granule_errors"] or problems else 0
+
+
+def run(args) -> int:
+    t0 = time.time()
+    try:
+        granules, ignored, plan, read_opts, tile = _discover(args)
+        if args.step in ("plan", "all"):
+            rc = step_plan(args, granules, plan, read_opts, tile)
+            if rc or args.step == "plan":
+                if not rc and not args.quiet:
+                    n = len(_load_units(args.out_dir)[1])
+                    log.info(f"planned {n} work units in {args.out_dir}/units.json")
+                return rc
+        _require_plan(args, plan)
+        if args.step in ("run", "all"):
+            n = step_run(args, granules, read_opts, tile, args.task_index, args.num_tasks)
+            if args.step == "run":
+                if not args.quiet:
+                    log.info(f"task {args.task_index} of {args.num_tasks}: {n} work units run")
+                return 0
+        return step_merge(args, plan, ignored, t0)
+    except OutputDirError as e:
+        log.error(str(e))
+        return 2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m data_prep.make_shards",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argument_parser("python -m data_prep.make_shards", __doc__)
     p.add_argument("input_dir", help="folder with TEMPO granules (searched recursively)")
     p.add_argument("out_dir", help="folder for shards, stats and manifest")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
-                   help="target bytes per shard")
-    p.add_argument("--max-samples-per-shard", type=int, default=100000)
-    p.add_argument("--tile-size", type=int, default=64)
-    p.add_argument("--stride", type=int, default=None, help="tile stride (default: tile size)")
+    p.add_argument("--shard-size", type=parse_size, default="1GB",
+                   help="target size of a shard (B, KB, MB, GB)")
+    p.add_argument("--max-samples-per-shard", type=int, default=100000,
+                   help="at most this many tiles per shard")
+    p.add_argument("--tile-size", type=int, default=64,
+                   help="tile height and width in pixels (mirror steps x cross-track)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="step between tile origins (default: the tile size, no overlap)")
     p.add_argument("--min-valid-fraction", type=float, default=TileOptions.min_valid_fraction,
                    help="drop tiles with fewer valid L1 pixels than this")
     p.add_argument("--max-bad-channel-fraction", type=float,
                    default=TileOptions.max_bad_channel_fraction,
                    help="a pixel with more invalid channels than this is invalid")
-    p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument("--val-fraction", type=float, default=0.3,
+                   help="fraction of granules in the validation split")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/val split")
     p.add_argument("--stats", default=None, help="use this stats JSON instead of computing it")
-    p.add_argument("--band", default=ReadOptions.band)
+    p.add_argument("--stats-fraction", type=float, default=0.1,
+                   help="statistics from this fraction of the training granules (a seeded "
+                        "sample; error against full statistics: bench/README.md)")
+    p.add_argument("--stats-min-granules", type=int, default=8,
+                   help="but from at least this many (all when there are fewer)")
+    p.add_argument("--step", choices=("all", "plan", "run", "merge"), default="all",
+                   help="all: everything in this process; plan / run / merge: the steps of "
+                        "a job over many nodes (scripts/make_shards_array.sbatch)")
+    p.add_argument("--task-index", type=int, default=0,
+                   help="--step run: this task's index; it runs units i with i mod "
+                        "--num-tasks == index (e.g. $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-tasks", type=int, default=1,
+                   help="--step run: number of tasks sharing the units")
+    p.add_argument("--band", default=ReadOptions.band, help="RAD band group to read")
     p.add_argument("--mirror-step-policy", choices=("trim", "error"), default="trim",
                    help="L1/L2 with different mirror-step counts: use common rows, or fail")
     p.add_argument("--require-products", action="store_true",
@@ -420,12 +620,17 @@ def parse_args(argv=None):
                    help="replace shards made with other options in OUT_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    setup_logging(quiet=args.quiet)
     if args.tile_size < 1 or (args.stride is not None and args.stride < 1):
         p.error("--tile-size and --stride must be >= 1")
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    if not 0 < args.stats_fraction <= 1 or args.stats_min_granules < 1:
+        p.error("--stats-fraction must be in (0, 1] and --stats-min-granules >= 1")
+    if args.num_tasks < 1 or not 0 <= args.task_index < args.num_tasks:
+        p.error("--task-index must be in [0, --num-tasks)")
     return args
 
 

@@ -30,9 +30,10 @@ import tarfile
 
 import numpy as np
 
+from data_prep.shard_format import GEO_ORDER  # noqa: F401  (re-exported)
+
 L1_KEY, L2_KEY, GEO_KEY, META_KEY = "l1.npy", "l2.npy", "geo.npy", "json"
 SAMPLE_KEYS = (L1_KEY, L2_KEY, GEO_KEY, META_KEY)
-GEO_ORDER = ("latitude", "longitude", "sza", "vza")
 L1_DTYPE, L2_DTYPE, GEO_DTYPE = np.float16, np.float32, np.float32
 SIGMA_KEY = "l1_sigma.npy"
 MEMBER_NAMES = SAMPLE_KEYS + (SIGMA_KEY,)

@@ -37,17 +37,27 @@ class ChannelMoments:
         return cls(np.zeros(channels, np.int64), np.zeros(channels), np.zeros(channels))
 
     def update(self, x: np.ndarray) -> None:
-        """Add rows of x (N, C); NaN entries are ignored per channel."""
-        x = np.asarray(x, dtype=np.float64)
+        """Add rows of x (N, C); NaN entries are ignored per channel. float32 input is
+        summed in float64 without a float64 copy: deviations from the float32-rounded mean
+        are squared in float32 (relative error ~1e-7) and summed in float64, and the offset
+        of that rounded mean is removed exactly (sum of squares minus (sum)^2 / n)."""
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            x = x.astype(np.float64, copy=False)
         finite = np.isfinite(x)
         n = finite.sum(axis=0)
         if not n.any():
             return
-        xs = np.where(finite, x, 0.0)
+        all_finite = bool((n == x.shape[0]).all())
+        xs = x if all_finite else np.where(finite, x, x.dtype.type(0))
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, xs.sum(axis=0) / np.maximum(n, 1), 0.0)
-            m2 = (np.where(finite, x - mean, 0.0) ** 2).sum(axis=0)
-        self.merge(ChannelMoments(n.astype(np.int64), mean, m2))
+            mean = np.where(n > 0, xs.sum(axis=0, dtype=np.float64) / np.maximum(n, 1), 0.0)
+            d = xs - mean.astype(x.dtype)
+            if not all_finite:
+                d[~finite] = 0
+            sd = d.sum(axis=0, dtype=np.float64)
+            m2 = np.einsum("ij,ij->j", d, d, dtype=np.float64) - sd * sd / np.maximum(n, 1)
+        self.merge(ChannelMoments(n.astype(np.int64), mean, np.maximum(m2, 0.0)))
 
     def merge(self, other: ChannelMoments) -> None:
         n = self.count + other.count

@@ -27,6 +27,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+# the channel order of every l2 array written: the shard-folder contract's (re-exported)
+from data_prep.shard_format import L2_ORDER  # noqa: F401
+
 # Fill values as NASA writes them (DESIGN.md section 2). Readers never test against these:
 # they honour each variable's own attributes. The synthetic generator writes them.
 FLOAT_FILL = -1.0e30  # NO2 / HCHO L2 values, L2 geolocation
@@ -50,7 +53,6 @@ LEAP_SECONDS = tuple((dt.datetime(*d, tzinfo=dt.UTC), n) for d, n in (
     ((2015, 7, 1), 17), ((2017, 1, 1), 18)))
 
 L1_BAND = "band_290_490_nm"
-L2_ORDER = ("NO2", "O3TOT", "HCHO", "CLDO4")  # channel order of every l2 array we write
 
 _NAME_RE = re.compile(
     r"^TEMPO_(?P<product>[A-Z0-9]+)_(?P<level>L[12])_V(?P<version>\d+)_"
@@ -397,7 +399,8 @@ def read_field(ds, path: str, where: str, rows: slice | None = None,
     time, L2 values, flags). netCDF4-python applies ``scale_factor``/``add_offset`` and
     masks ``_FillValue``, ``missing_value``, values outside ``valid_min``/``valid_max``/
     ``valid_range`` and, without ``_FillValue``, the netCDF default fill of the type; NaN
-    and Inf are also invalid, as is ``extra_fill`` when given. ``values`` has ``dtype``;
+    and Inf are also invalid, as is ``extra_fill`` when given. ``values`` has ``dtype``
+    (None: the variable's own type);
     for a float dtype invalid values are NaN, for an integer dtype they hold 0 (use
     ``invalid``). ``rows`` selects along the first dimension. Raises TempoFileError naming
     the file and variable when the data cannot be read (e.g. a truncated file).
@@ -416,7 +419,7 @@ def read_field(ds, path: str, where: str, rows: slice | None = None,
         invalid = invalid | ~np.isfinite(data)
     if extra_fill is not None:
         invalid = invalid | (data == extra_fill)
-    dtype = np.dtype(dtype)
+    dtype = data.dtype if dtype is None else np.dtype(dtype)
     if dtype.kind != "f" and data.dtype.kind == "f":
         data = np.where(invalid, 0.0, data)  # fill before a float -> int cast
     out = data.astype(dtype, copy=False)
@@ -488,6 +491,7 @@ def read_l1(path: str, band: str = L1_BAND, fill: float | None = None,
     Raises TempoFileError for a missing band, variable or inconsistent shapes.
     """
     ds = _open(path)
+    ds.set_auto_mask(False)  # same values (invalid ones are found below), no masked copy
     try:
         if band not in ds.groups:
             raise TempoFileError(path, f"missing group '{band}' (groups: {sorted(ds.groups)})")
@@ -510,8 +514,11 @@ def read_l1(path: str, band: str = L1_BAND, fill: float | None = None,
         for r0 in range(0, m, max(1, rows_per_read)):
             rows = slice(r0, min(m, r0 + rows_per_read))
             block, bad = read_field(ds, f"{band}/radiance", path, rows, np.float32, fill)
-            pqf, pqf_missing = read_field(ds, f"{band}/pixel_quality_flag", path, rows,
-                                          np.int64)
+            # the flag's own integer type (an int64 copy of a granule's flags costs more
+            # than the test), viewed unsigned so that every bit of the mask is testable
+            pqf, pqf_missing = read_field(ds, f"{band}/pixel_quality_flag", path, rows, None)
+            if pqf.dtype.kind == "i":
+                pqf = pqf.view(pqf.dtype.str.replace("i", "u"))
             flagged = ((pqf & quality_mask) != 0) | pqf_missing
             bad |= flagged if flagged.ndim == 3 else flagged[..., None]
             block[bad] = np.nan

@@ -30,8 +30,11 @@ def F(default: Any, doc: str):
 
 @dataclass
 class DataConfig:
-    shards: str = F("data/shards", "shard folder made by data_prep.make_shards (sizes.json, "
-                                   "stats.json, train/, val/)")
+    shards: str = F("data/shards", "shards made by data_prep.make_shards (sizes.json, "
+                                   "stats.json, manifest.json, train/, val/): a local folder, "
+                                   "a URL prefix (https://, s3://, gs://), 'pipe:CMD {}' ({} = "
+                                   "path in the folder), or a brace-expanded shard list "
+                                   "(.../train/x-{0000..0031}.tar; lists join with '::')")
     batch_size: int = F(8, "tiles per micro-batch per rank")
     num_workers: int = F(2, "DataLoader worker processes per rank (0: read in the main process)")
     mode: str = F("epoch", "'epoch': each training sample once per epoch; 'resampled': shards "
@@ -44,6 +47,8 @@ class DataConfig:
     seed: int = F(0, "seed of shard order, shuffle buffers and augmentation")
     pin_memory: bool = F(False, "pin batch memory (GPU runs)")
     prefetch_factor: int = F(2, "batches prefetched per worker")
+    shard_retries: int = F(3, "remote shards: reopen a stream that failed part-way this many "
+                              "times (samples already read are skipped), then fail naming it")
     on_error: str = F("raise", "bad sample or shard: 'raise' stops naming shard and key; "
                                "'skip' goes on and counts it per reason")
 

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep import samples
-from data_prep.tempo import L2_ORDER
+from data_prep import samples, shard_format
 from data_prep.util import read_json
 from train.runtime import STOP_SIGNALS
+from train.shard_source import RemoteShardReader, ShardSource, SourceError
 from train.transforms import L2Transform
 
 SPLIT_IDS = {"train": 0, "val": 1}
@@ -59,12 +59,23 @@ class ShardSet:
     split: str
     sizes: dict[str, int]  # path relative to root -> samples, this split only
     stats: dict
+    source: ShardSource | None = None  # None: the local folder ``root``
+    manifest: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def open(cls, root: str, split: str, strict: bool = True) -> ShardSet:
-        """The shards of ``split`` in ``root``. ``strict``: also fail when a shard's byte size
-        differs from the one make_shards recorded (truncated or rewritten); otherwise the
-        reader finds and counts the damage."""
+        """The shards of ``split`` in ``root``: a local folder, a URL prefix, a ``pipe:``
+        command or a shard list (``train/shard_source.py``). ``strict``: also fail when a
+        local shard's byte size differs from the one make_shards recorded (truncated or
+        rewritten); otherwise the reader finds and counts the damage. Remote shards are
+        not probed at start; damage is found (and named) while they are streamed."""
+        try:
+            source = ShardSource.parse(root)
+        except SourceError as e:
+            raise DataError(str(e)) from None
+        if not source.local:
+            return cls._open_remote(source, split)
+        root = source.root
         sizes_path = os.path.join(root, "sizes.json")
         if not os.path.isdir(root):
             raise DataError(f"shard folder {root} does not exist; make it with "
@@ -73,10 +84,7 @@ class ShardSet:
             if not os.path.exists(os.path.join(root, name)):
                 raise DataError(f"{os.path.join(root, name)} is missing: {root} is not a "
                                 "finished shard folder (re-run data_prep.make_shards)")
-        sizes = {k: int(v) for k, v in read_json(sizes_path).items()
-                 if k.startswith(split + "/") and int(v) > 0}
-        if not sizes:
-            raise DataError(f"no {split} shards listed in {sizes_path}")
+        sizes = _split_sizes(read_json(sizes_path), split, source, sizes_path)
         on_disk = {}  # one stat per shard: existence and byte size
         for k in sizes:
             try:
@@ -87,11 +95,9 @@ class ShardSet:
         if missing:
             raise DataError(f"{sizes_path} lists {len(missing)} {split} shards that do not "
                             f"exist, e.g. {missing[0]}; sizes.json disagrees with the shards")
-        man_path = os.path.join(root, "manifest.json")
+        man_path = os.path.join(root, shard_format.MANIFEST)
         manifest = read_json(man_path) if os.path.exists(man_path) else {}
-        order = tuple(manifest.get("l2_order", L2_ORDER))
-        if order != L2_ORDER:
-            raise DataError(f"{man_path}: l2_order {order} differs from {L2_ORDER}")
+        _check_manifest(manifest, man_path)
         expected = manifest.get("shard_bytes", {})
         wrong = {k: n for k, n in on_disk.items() if k in expected and n != expected[k]}
         if strict and wrong:
@@ -102,11 +108,63 @@ class ShardSet:
                 f"{expected[k]}; re-create them (data_prep.make_shards ... --overwrite) or set "
                 "data.on_error=skip to train without the samples they lose (counted)")
         return cls(root, split, dict(sorted(sizes.items())),
-                   read_json(os.path.join(root, "stats.json")))
+                   read_json(os.path.join(root, shard_format.STATS)), source, manifest)
+
+    @classmethod
+    def _open_remote(cls, source: ShardSource, split: str) -> ShardSet:
+        try:
+            sizes_json = source.read_json("sizes.json")
+            stats = source.read_json("stats.json")
+            manifest = source.read_json("manifest.json")
+        except SourceError as e:
+            raise DataError(f"{e}: {source.root} is not a reachable, finished shard folder "
+                            "(make_shards writes sizes.json, stats.json, manifest.json)") from None
+        sizes = _split_sizes(sizes_json, split, source, source.address("sizes.json"))
+        _check_manifest(manifest, source.address(shard_format.MANIFEST))
+        return cls(source.root, split, dict(sorted(sizes.items())), stats, source, manifest)
+
+    def raw_samples(self, name: str, retries: int = 3) -> Iterator[dict]:
+        """Raw samples of one shard in file order (local: large members stay lazy)."""
+        if self.source is None or self.source.local:
+            return samples.iter_tar(os.path.join(self.root, name), LAZY_MIN_BYTES)
+        return iter(RemoteShardReader(self.source, name, self.sizes[name], retries))
 
     @property
     def total(self) -> int:
         return sum(self.sizes.values())
+
+    @property
+    def channels(self) -> int:
+        """Spectral channels of the tiles (from the normalisation statistics)."""
+        return len(self.stats["l1"]["mean"])
+
+    @property
+    def tile_size(self) -> int | None:
+        """Tile height = width in pixels, or None when the manifest does not say."""
+        return shard_format.tile_size(self.manifest)
+
+
+def _split_sizes(sizes_json: dict, split: str, source: ShardSource, where: str) -> dict:
+    sizes = {k: int(v) for k, v in sizes_json.items()
+             if k.startswith(split + "/") and int(v) > 0}
+    listed = [k for k in (source.listed or ()) if k.startswith(split + "/")]
+    if listed:
+        unknown = [k for k in listed if k not in sizes_json]
+        if unknown:
+            raise DataError(f"data.shards lists {len(unknown)} shard(s) that {where} does not "
+                            f"know, e.g. {unknown[0]}; their sample counts are needed for "
+                            "exact epochs")
+        sizes = {k: sizes[k] for k in listed if k in sizes}
+    if not sizes:
+        raise DataError(f"no {split} shards listed in {where}")
+    return sizes
+
+
+def _check_manifest(manifest: dict, where: str) -> None:
+    try:
+        shard_format.check_manifest(manifest, where)
+    except shard_format.ShardFormatError as e:
+        raise DataError(str(e)) from None
 
 
 def plan_epoch(sizes: dict[str, int], slots: int, seed: int, epoch: int) -> list[list[str]]:
@@ -202,7 +260,7 @@ class ShardStream(IterableDataset):
             seen = self.exclude.get(name, ()) if self.segment else ()
             n = 0
             try:
-                for raw in samples.iter_tar(path, LAZY_MIN_BYTES):
+                for raw in self.shards.raw_samples(name, self.cfg.shard_retries):
                     n += 1
                     if raw.get("__key__") in seen:
                         continue  # consumed before an elastic resume
@@ -339,8 +397,7 @@ class ShardStream(IterableDataset):
         if self._template is None:
             for name in sorted(self.shards.sizes):
                 try:
-                    for raw in samples.iter_tar(os.path.join(self.shards.root, name),
-                                                LAZY_MIN_BYTES):
+                    for raw in self.shards.raw_samples(name, self.cfg.shard_retries):
                         raw["__shard__"] = name
                         try:
                             self._template = self._decode(raw)
@@ -466,6 +523,16 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    @property
+    def shards(self) -> ShardSet:
+        """The shard set this loader reads (its statistics, manifest and sizes)."""
+        return self.dataset.shards
+
+    @property
+    def transform(self):
+        """The L2 transforms (train.transforms.L2Transform) applied to its batches."""
+        return self.dataset.transform
 
     def set_epoch(self, epoch: int) -> None:
         self.state = LoaderState(epoch, 0)

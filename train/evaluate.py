@@ -42,11 +42,11 @@ import time
 
 import numpy as np
 
-from data_prep.tempo import L2_ORDER
+from data_prep.shard_format import L2_ORDER, L2_UNITS
 from data_prep.util import argument_parser
 
 TRUTH_VARS = {"NO2": "no2_trop", "O3TOT": "o3", "HCHO": "hcho", "CLDO4": "cloud_fraction"}
-UNITS = {"NO2": "molecules/cm^2", "O3TOT": "DU", "HCHO": "molecules/cm^2", "CLDO4": "1"}
+UNITS = L2_UNITS
 
 
 class EvaluateError(Exception):

@@ -120,7 +120,7 @@ def _fmt(v) -> str:
 
 
 def model_card(info: dict, cfg) -> str:
-    from data_prep.tempo import L2_ORDER
+    from data_prep.shard_format import L2_ORDER
 
     val = info.get("validation", {})
     units = info["l2_units"]

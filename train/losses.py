@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from data_prep.tempo import L2_ORDER
+from data_prep.shard_format import L2_ORDER
 
 # terms that are not shares of a sum (reported as they are, not added over micro-batches)
 NOT_ADDITIVE = ("rec_logvar",)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from data_prep.tempo import L2_ORDER
+from data_prep.shard_format import L2_ORDER
 from train.losses import nan_pool
 
 FIELDS = ("n", "sum_e", "sum_e2", "sum_y", "sum_y2")

@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from data_prep.tempo import L2_ORDER
+from data_prep.shard_format import L2_ORDER
 from data_prep.util import argument_parser
 
 NC_FILL = np.float32(-1.0e30)

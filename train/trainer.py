@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from data_prep.logs import get_logger
-from data_prep.tempo import L2_ORDER
+from data_prep.shard_format import L2_ORDER
 from data_prep.util import atomic_write_bytes, atomic_write_json
 from train.checkpoint import CheckpointManager
 from train.config import Config, ConfigError, dump, to_dict
@@ -137,12 +137,18 @@ class Trainer:
 
         self.train_loader = build_loader(cfg.data, "train", self.rank, self.world)
         self.val_loader = build_loader(cfg.data, "val", self.rank, self.world)
-        self.transform = self.train_loader.dataset.transform
-        n_ch = len(self.train_loader.dataset.shards.stats["l1"]["mean"])
+        self.transform = self.train_loader.transform
+        n_ch = self.train_loader.shards.channels
         if n_ch != cfg.model.in_channels:
             raise ConfigError(f"model.in_channels={cfg.model.in_channels} but the shards in "
                               f"{cfg.data.shards} have {n_ch} channels; set model.in_channels="
                               f"{n_ch}")
+        tile = self.train_loader.shards.tile_size
+        if tile is not None and tile != cfg.model.tile_size:
+            raise ConfigError(f"model.tile_size={cfg.model.tile_size} but the shards in "
+                              f"{cfg.data.shards} hold {tile} x {tile} tiles; set "
+                              f"model.tile_size={tile} (the FLOPs per tile and the MFU are "
+                              "computed from it)")
 
         self.model = (build_model_fn or build_model)(cfg.model, cfg.loss)
         if cfg.model.spectral_input == "highpass":
@@ -554,7 +560,7 @@ class Trainer:
                   f"{self.flops_per_sample / 1e9:.2f} GFLOP/tile (train); {self.world} ranks; "
                   f"deepspeed={self.deepspeed} precision={acc.mixed_precision}"
                   f"{f' grad_accum_dtype={accum_dtype}' if accum_dtype else ''}; "
-                  f"{self.train_loader.dataset.shards.total} train tiles, "
+                  f"{self.train_loader.shards.total} train tiles, "
                   f"{len(self.train_loader)} batches/epoch/rank, "
                   f"{cfg.optim.grad_accum} micro-batches/step")
         from tqdm import tqdm

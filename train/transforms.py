@@ -11,8 +11,8 @@ import math
 
 import torch
 
+from data_prep.shard_format import L2_ORDER
 from data_prep.stats import MAD_SCALE
-from data_prep.tempo import L2_ORDER
 
 CLD_EPS = 0.01
 

@@ -9,12 +9,11 @@ import os
 
 import pytest
 import torch
+from helpers.common import ROOT
 
 from train.config import ConfigError, LossConfig, ModelConfig, describe, load_config
 from train.losses import VAELoss, nan_pool
 from train.model import DiagonalGaussian, build_model, count_parameters
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_nan_pool_counts_valid_pixels_only():
@@ -181,7 +180,7 @@ def test_a_stop_signal_sent_before_a_rank_started_is_inherited():
 
     code = ("from train.runtime import install_stop_handlers, stop_signal; "
             "install_stop_handlers(); print(stop_signal())")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
 
     def run(**env):
         return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
@@ -191,7 +190,7 @@ def test_a_stop_signal_sent_before_a_rank_started_is_inherited():
 
 
 def _tiny_cfg(train_shards, tmp_path, *extra):
-    from conftest import tiny_overrides
+    from helpers.common import tiny_overrides
 
     p = os.path.join(ROOT, "configs", "training", "demo.yaml")
     return load_config(p, tiny_overrides(train_shards, str(tmp_path / "run"))

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TILE
+from helpers.common import TILE
+from helpers.damage import corrupt_member, private_copy, truncate_half
 
 from data_prep import make_shards, samples
 from data_prep.util import atomic_write_json
@@ -202,51 +203,13 @@ def test_l2_transform_roundtrip():
 # ----------------------------------------------------------------------------- bad data
 
 
-def _private_copy(src, dst):
-    """A copy of shard folder ``src`` that a test may damage: (its path, its sizes.json, its
-    train shards in order)."""
-    import shutil
-
-    shutil.copytree(src, dst)
-    sizes = json.load(open(os.path.join(dst, "sizes.json")))
-    return dst, sizes, sorted(k for k in sizes if k.startswith("train"))
-
-
-def _truncate_half(path):
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-
-
-def _corrupt_member(root, rel, key, ext, data):
-    """Rewrite shard ``rel`` with member ``key.ext`` replaced by ``data`` (or removed), and
-    record its new size in the manifest, as if make_shards had written it so: the damage
-    is then for the reader to find (the start-up size check is tested separately)."""
-    import tarfile
-
-    path = os.path.join(root, rel)
-    with tarfile.open(path) as t:
-        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
-    with tarfile.open(path, "w") as t:
-        for m, d in members:
-            if m.name == f"{key}.{ext}":
-                if data is None:
-                    continue
-                d = data
-            m.size = len(d)
-            import io
-
-            t.addfile(m, io.BytesIO(d))
-    man_path = os.path.join(root, "manifest.json")
-    man = json.load(open(man_path))
-    man["shard_bytes"][rel] = os.path.getsize(path)
-    atomic_write_json(man_path, man)
 
 
 def test_bad_sample_stops_with_key_or_is_skipped_and_counted(many_shards, tmp_path):
-    root, sizes, train = _private_copy(many_shards, str(tmp_path / "s"))
+    root, sizes, train = private_copy(many_shards, str(tmp_path / "s"))
     rel = train[0]
     key = next(samples.iter_tar(os.path.join(root, rel)))["__key__"]
-    _corrupt_member(root, rel, key, "l1.npy", b"not an array")
+    corrupt_member(root, rel, key, "l1.npy", b"not an array")
     c = cfg(root, num_workers=0)
     with pytest.raises(samples.SampleError, match=f"{rel} sample '{key}'.*not a valid .npy"):
         list(build_loader(c, "train"))
@@ -259,12 +222,12 @@ def test_bad_sample_stops_with_key_or_is_skipped_and_counted(many_shards, tmp_pa
 
 
 def test_nonfinite_l1_and_size_mismatch_are_named(many_shards, tmp_path):
-    root, sizes, train = _private_copy(many_shards, str(tmp_path / "s"))
+    root, sizes, train = private_copy(many_shards, str(tmp_path / "s"))
     rel = train[1]
     raw = next(samples.iter_tar(os.path.join(root, rel)))
     l1 = samples.npy_array(raw["l1.npy"]).copy()
     l1[0, 0, 0] = np.inf
-    _corrupt_member(root, rel, raw["__key__"], "l1.npy", samples.npy_bytes(l1))
+    corrupt_member(root, rel, raw["__key__"], "l1.npy", samples.npy_bytes(l1))
     c = cfg(root, num_workers=0, augment=False)
     with pytest.raises(samples.SampleError, match=f"sample '{raw['__key__']}': l1 holds NaN"):
         list(build_loader(c, "train"))
@@ -274,16 +237,16 @@ def test_nonfinite_l1_and_size_mismatch_are_named(many_shards, tmp_path):
     loader = build_loader(dataclasses.replace(c, on_error="skip"), "train")
     list(loader)
     assert loader.errors == {"nonfinite_l1": 1, "size_mismatch": 2}
-    clean, _, _ = _private_copy(many_shards, str(tmp_path / "clean"))
+    clean, _, _ = private_copy(many_shards, str(tmp_path / "clean"))
     json.dump(sizes, open(os.path.join(clean, "sizes.json"), "w"))
     with pytest.raises(samples.SampleError, match=f"{rel}: .* samples, sizes.json says"):
         list(build_loader(cfg(clean, num_workers=0), "train"))
 
 
 def test_truncated_shard_stops_naming_it_or_is_skipped_and_counted(many_shards, tmp_path):
-    root, sizes, train = _private_copy(many_shards, str(tmp_path / "s"))
+    root, sizes, train = private_copy(many_shards, str(tmp_path / "s"))
     rel = train[0]
-    _truncate_half(os.path.join(root, rel))
+    truncate_half(os.path.join(root, rel))
     # found before reading: its size differs from the one make_shards recorded
     with pytest.raises(DataError, match=f"1 train shard.*{rel}: .* bytes, the manifest says"):
         build_loader(cfg(root, num_workers=0), "train")

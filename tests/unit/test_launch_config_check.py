@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers.common import DEMO, ROOT
 
 from train.launch import check_run_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "training", "demo.yaml")
 ZERO2 = os.path.join(ROOT, "accelerate_configs", "cpu_deepspeed_zero2.yaml")
 
 

@@ -14,7 +14,7 @@ import time
 import netCDF4
 import numpy as np
 import pytest
-from conftest import TILE
+from helpers.common import TILE
 
 from data_prep import compute_stats, convert_pt_tiles, inspect_shards, make_shards, samples, tempo
 from data_prep.granule import ReadOptions, normalise, read_granule
@@ -304,12 +304,12 @@ def test_changed_options_need_overwrite(synth_dir, tmp_path, capsys):
 def test_inspect_catches_corruption(shard_dir, tmp_path):
     import shutil
 
-    from test_loader import _truncate_half
+    from helpers.damage import truncate_half
 
     bad = str(tmp_path / "bad")
     shutil.copytree(shard_dir, bad)
     rel = sorted(load(os.path.join(bad, "sizes.json")))[0]
-    _truncate_half(os.path.join(bad, rel))
+    truncate_half(os.path.join(bad, rel))
     _, problems = inspect_shards.inspect(bad, progress=False)
     assert any(rel in p for p in problems)
     assert any(p.startswith(f"{rel}: ") and "bytes, manifest.json says" in p for p in problems)
@@ -373,3 +373,18 @@ def test_convert_pt_tiles_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "c.pt: not a readable torch tensor file" in err
     assert "l2_NO2/a.pt: shape (3, 4, 4), expected (2, 4, 4)" in err
+
+
+def test_ignored_files_are_reported_by_reason(synth_dir, tmp_path, capsys):
+    """The synthetic truth files are not granules: the summary says so, with an example,
+    instead of a bare count."""
+    assert make_shards.describe_ignored([]) == "0"
+    text = make_shards.describe_ignored([("a/x.nc", "not a TEMPO granule file name"),
+                                         ("a/y.nc", "not a TEMPO granule file name"),
+                                         ("b/z.nc", "product FOO is not used")])
+    assert text.startswith("3 (2 not a TEMPO granule file name, e.g. a/x.nc; 1 product FOO")
+    out = str(tmp_path / "shards")
+    assert make_shards.main([synth_dir, out, "--tile-size", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "INFO data_prep.make_shards:" in err
+    assert "not a TEMPO granule file name, e.g. truth/" in err

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_export_predict import ROOT, env, train_run
+from helpers.common import ROOT, env, train_run
 
 from train.evaluate import (
     EvaluateError,

@@ -11,39 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
-DEMO = os.path.join(ROOT, "configs", "training", "demo.yaml")
+from helpers.common import ACCELERATE, DEMO, ROOT, check, env, launch, scalars, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def env():
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.pop("CUDA_VISIBLE_DEVICES", None)
-    return e
-
-
-def launch(config_file, script, args, extra=(), timeout=500, launcher=None, **env_vars):
-    """Run ``launcher`` (default: accelerate launch) and wait for it."""
-    cmd = [*(launcher or [ACCELERATE, "launch"]), "--config_file", config_file, *extra, script,
-           *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env() | env_vars, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(os.path.join(run_dir, "tb"))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def check(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def test_zero2_two_processes_train_checkpoint_and_resume(train_shards, tmp_path):

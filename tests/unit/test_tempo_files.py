@@ -9,7 +9,7 @@ import os
 import netCDF4
 import numpy as np
 import pytest
-from conftest import reference_file
+from helpers.common import reference_file
 
 from data_prep import synthesize, tempo
 

@@ -12,7 +12,7 @@ import netCDF4
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers.common import DEMO, ROOT, env, tiny_overrides, train_run
 
 from data_prep import synthesize
 from data_prep.tempo import L2_ORDER, discover, find_files, read_l1
@@ -25,24 +25,6 @@ from train.predict import (
     predict_granule,
     predict_tiles,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "training", "demo.yaml")
-
-
-def env():
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    e.pop("CUDA_VISIBLE_DEVICES", None)
-    return e
-
-
-def train_run(shards: str, out: str, *extra: str) -> str:
-    """A single-process training run (the cheapest real checkpoint)."""
-    p = subprocess.run([sys.executable, "train/main.py", "--config", DEMO,
-                        *tiny_overrides(shards, out), "train.steps=6", *extra],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    return out
 
 
 @pytest.fixture(scope="module")

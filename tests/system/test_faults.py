@@ -12,8 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import tiny_overrides
-from test_train_launch import ACCELERATE, DEMO, ROOT, check, env, launch, scalars
+from helpers.common import ACCELERATE, DEMO, ROOT, check, env, launch, scalars, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ZERO2 = os.path.join(ROOT, "accelerate_configs", "cpu_deepspeed_zero2.yaml")
@@ -192,14 +191,14 @@ def test_sigkill_during_checkpoint_keeps_the_previous_one(train_shards, tmp_path
 
 
 def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
-    from test_loader import _corrupt_member, _private_copy, _truncate_half
+    from helpers.damage import corrupt_member, private_copy, truncate_half
 
     from data_prep import samples
 
-    root, sizes, train = _private_copy(train_shards, str(tmp_path / "shards"))
+    root, sizes, train = private_copy(train_shards, str(tmp_path / "shards"))
     rel = train[0]
     key = next(samples.iter_tar(os.path.join(root, rel)))["__key__"]
-    _corrupt_member(root, rel, key, "json", None)  # a sample with a missing member
+    corrupt_member(root, rel, key, "json", None)  # a sample with a missing member
     out = str(tmp_path / "run")
     args = ["--config", DEMO] + tiny_overrides(root, out) + ["train.steps=3"]  # one epoch
     p = launch(ZERO2, "train/main.py", args)
@@ -207,7 +206,7 @@ def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
     assert f"sample '{key}': missing members ['json']" in p.stderr
     # and a truncated shard: with skip, both are counted, per reason
     cut = train[-1]
-    _truncate_half(os.path.join(root, cut))
+    truncate_half(os.path.join(root, cut))
     p = launch(ZERO2, "train/main.py", args + ["data.on_error=skip"])
     check(p)
     summary = json.load(open(os.path.join(out, "summary.json")))

@@ -14,7 +14,7 @@ import tarfile
 import netCDF4
 import numpy as np
 import pytest
-from conftest import TILE, reference_file
+from helpers.common import TILE, reference_file
 
 from data_prep import convert_pt_tiles, inspect_shards, make_shards, samples, synthesize, tempo
 from data_prep.granule import ReadOptions, read_granule

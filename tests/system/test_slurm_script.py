@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers.common import ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "scripts", "slurm_multinode.sbatch")
+SCRIPT = os.path.join(ROOT, "scripts", "slurm_multinode.sbatch")
 
 
 def _exe(path, text: str) -> None:
@@ -53,13 +53,13 @@ json.dump({{"finished": end == "finished"}}, open(os.path.join(out, "summary.jso
         out = tmp_path / "run"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
         env.update(PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{env['PATH']}",
-                   PYTHONPATH=REPO, FAKE_END=end, FAKE_OUT=str(out), SLURM_NNODES="2",
+                   PYTHONPATH=ROOT, FAKE_END=end, FAKE_OUT=str(out), SLURM_NNODES="2",
                    SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_ID="77", GPUS_PER_NODE="4")
         if log.exists():
             log.unlink()
         p = subprocess.run(["bash", SCRIPT, "configs/training/demo.yaml",
                             f"train.output_dir={out}", *overrides],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         calls = [json.loads(line) for line in log.read_text().splitlines()] \
             if log.exists() else []
         return p, calls
