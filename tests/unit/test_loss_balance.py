@@ -11,14 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers.common import ROOT, env, tiny_overrides
 
 from data_prep.tempo import L2_ORDER, discover, find_files
 from train.config import LossConfig, ModelConfig, load_config
 from train.losses import VAELoss, encoder_gradient_shares
 from train.model import build_model, geometry_features
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "configs", "training", "benchmark.yaml")
 PARITY = os.path.join(ROOT, "configs", "training", "benchmark_research_parity.yaml")
 
@@ -151,12 +150,6 @@ def test_benchmark_configs_differ_only_in_the_objective():
 
 
 # ----------------------------------------------------------------------------- trainer
-
-
-def env():
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    e.pop("CUDA_VISIBLE_DEVICES", None)
-    return e
 
 
 def test_training_with_geometry_balance_and_shares_then_export_and_predict(
