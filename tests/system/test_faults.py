@@ -101,7 +101,7 @@ def test_sigusr1_to_one_rank_saves_and_exits_zero_then_resumes(train_shards, tmp
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, se[-4000:]
-    assert "stop requested (signal" in so
+    assert "stop requested (signal" in se
     step = _checkpoint_step(out)
     assert step >= 1
     summary = json.load(open(os.path.join(out, "summary.json")))

@@ -99,7 +99,7 @@ def test_two_machines_on_localhost(train_shards, tmp_path):
     outs = [p.communicate(timeout=500) for p in procs]
     for p, (so, se) in zip(procs, outs):
         assert p.returncode == 0, so[-2000:] + se[-4000:]
-    assert "2 ranks" in outs[0][0]
+    assert "2 ranks" in outs[0][1]  # the start-up log line, on stderr
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["step"] == 4 and summary["samples_seen"] > 0
 
