@@ -88,7 +88,7 @@ def main() -> int:
     cfg = load_config(cfg_path, over)
     fake_shards(work, cfg.model.in_channels, cfg.model.tile_size)
     trainer = Trainer(cfg)
-    dev = trainer.acc.device
+    dev = trainer.accelerator.device
     b, c, t = args.batch_size, cfg.model.in_channels, cfg.model.tile_size
     g = torch.Generator().manual_seed(0)
     batch = {"l1": torch.randn(b, c, t, t, generator=g).half(),
@@ -148,7 +148,7 @@ def main() -> int:
               f"{flops / 1e9:.1f} GFLOP/tile train); batch {b} x {c} x {t} x {t}; "
               f"best of {args.repeats} x {args.steps} steps")
         for name, prec in (("ours", f"deepspeed={trainer.deepspeed} "
-                                    f"precision={trainer.acc.mixed_precision}"),
+                                    f"precision={trainer.accelerator.mixed_precision}"),
                            ("bare", f"plain PyTorch {args.bare_precision}")):
             tps, mem = best[name]
             mfu = (f", MFU {tps * flops / trainer.peak_flops:.1%}" if trainer.peak_flops else "")

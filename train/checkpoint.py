@@ -32,20 +32,20 @@ log = get_logger(__name__)
 class CheckpointManager:
     """Saves and finds checkpoints for one rank; every rank calls ``save`` together.
 
-    ``acc``: the Accelerator (its ``save_state`` writes model, optimizer and RNG states);
+    ``accelerator``: the Accelerator (its ``save_state`` writes model, optimizer and RNG states);
     ``n_params``: parameter count, for the free-space estimate before the first save;
     ``on_exit``: called before this rank exits on a failed write (flush logs);
     ``disk_usage``, ``save_file``: shutil.disk_usage and torch.save unless a test injects
     a full disk or a failing write."""
 
-    def __init__(self, acc, ckpt_dir: str, keep_last: int, n_params: int, on_exit=None,
+    def __init__(self, accelerator, ckpt_dir: str, keep_last: int, n_params: int, on_exit=None,
                  disk_usage=None, save_file=None):
-        self.acc = acc
+        self.accelerator = accelerator
         self.dir = ckpt_dir
         self.keep_last = keep_last
         self.n_params = n_params
-        self.rank, self.world = acc.process_index, acc.num_processes
-        self.is_main = acc.is_main_process
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.is_main = accelerator.is_main_process
         self.on_exit = on_exit
         self._bytes: int | None = None  # see checkpoint_bytes
         self.disk_usage = disk_usage or shutil.disk_usage
@@ -101,20 +101,20 @@ class CheckpointManager:
 
         ``rank_state``: this rank's own state (``trainer_rankR.pt``); ``main_state``: the
         JSON trainer state, written by the main process."""
-        acc = self.acc
+        accelerator = self.accelerator
         name = f"step_{step:08d}"
         final = os.path.join(self.dir, name)
         tmp = final + ".partial"
         self.preflight(name)
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         try:
-            acc.save_state(tmp)  # every rank (DeepSpeed shards its states)
+            accelerator.save_state(tmp)  # every rank (DeepSpeed shards its states)
             self.save_file(rank_state, os.path.join(tmp, f"trainer_rank{self.rank}.pt"))
         except Exception as e:
             self.abort(name, e)
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         if self.is_main:
             try:
                 atomic_write_json(os.path.join(tmp, "trainer_state.json"), main_state)
@@ -126,7 +126,7 @@ class CheckpointManager:
             except Exception as e:
                 self.abort(name, e)
             self.rotate(keep=name)
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         return final
 
     def checkpoint_bytes(self) -> int:
@@ -158,9 +158,9 @@ class CheckpointManager:
                            f"about {need / 1e9:.2f} GB")
         except OSError as e:
             problem = f"cannot write to {self.dir}: {e}"
-        flags = torch.tensor([float(bool(problem))], device=self.acc.device)
+        flags = torch.tensor([float(bool(problem))], device=self.accelerator.device)
         if self.world > 1:
-            flags = self.acc.reduce(flags, reduction="sum")
+            flags = self.accelerator.reduce(flags, reduction="sum")
         if flags.item() > 0:
             where = f"rank {self.rank}: {problem}" if problem else "a problem on another rank"
             raise CheckpointError(

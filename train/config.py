@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     pass
 
 
-def F(default: Any, doc: str):
+def doc_field(default: Any, doc: str):
     """A config field with documentation; lists get a fresh copy per instance."""
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"doc": doc})
@@ -30,131 +30,142 @@ def F(default: Any, doc: str):
 
 @dataclass
 class DataConfig:
-    shards: str = F("data/shards", "shards made by data_prep.make_shards (sizes.json, "
-                                   "stats.json, manifest.json, train/, val/): a local folder, "
-                                   "a URL prefix (https://, s3://, gs://), 'pipe:CMD {}' ({} = "
-                                   "path in the folder), or a brace-expanded shard list "
-                                   "(.../train/x-{0000..0031}.tar; lists join with '::')")
-    batch_size: int = F(8, "tiles per micro-batch per rank")
-    num_workers: int = F(2, "DataLoader worker processes per rank (0: read in the main process)")
-    mode: str = F("epoch", "'epoch': each training sample once per epoch; 'resampled': shards "
-                           "drawn with replacement, endless")
-    samples_per_epoch: int = F(0, "resampled mode: nominal epoch length in samples (0: the "
-                                  "number of training samples)")
-    shuffle_buffer: int = F(64, "samples held in each worker's shuffle buffer")
-    shuffle_initial: int = F(32, "samples buffered before the first one is emitted")
-    augment: bool = F(True, "random flips / 90-degree rotations of training tiles")
-    seed: int = F(0, "seed of shard order, shuffle buffers and augmentation")
-    pin_memory: bool = F(False, "pin batch memory (GPU runs)")
-    prefetch_factor: int = F(2, "batches prefetched per worker")
-    shard_retries: int = F(3, "remote shards: reopen a stream that failed part-way this many "
-                              "times (samples already read are skipped), then fail naming it")
-    on_error: str = F("raise", "bad sample or shard: 'raise' stops naming shard and key; "
-                               "'skip' goes on and counts it per reason")
+    shards: str = doc_field("data/shards",
+        "shards made by data_prep.make_shards (sizes.json, stats.json, manifest.json, train/, "
+        "val/): a local folder, a URL prefix (https://, s3://, gs://), 'pipe:CMD {}' ({} = path in "
+        "the folder), or a brace-expanded shard list (.../train/x-{0000..0031}.tar; lists join "
+        "with '::')")
+    batch_size: int = doc_field(8, "tiles per micro-batch per rank")
+    num_workers: int = doc_field(2,
+        "DataLoader worker processes per rank (0: read in the main process)")
+    mode: str = doc_field("epoch",
+        "'epoch': each training sample once per epoch; 'resampled': shards drawn with replacement, "
+        "endless")
+    samples_per_epoch: int = doc_field(0,
+        "resampled mode: nominal epoch length in samples (0: the number of training samples)")
+    shuffle_buffer: int = doc_field(64, "samples held in each worker's shuffle buffer")
+    shuffle_initial: int = doc_field(32, "samples buffered before the first one is emitted")
+    augment: bool = doc_field(True, "random flips / 90-degree rotations of training tiles")
+    seed: int = doc_field(0, "seed of shard order, shuffle buffers and augmentation")
+    pin_memory: bool = doc_field(False, "pin batch memory (GPU runs)")
+    prefetch_factor: int = doc_field(2, "batches prefetched per worker")
+    shard_retries: int = doc_field(3,
+        "remote shards: reopen a stream that failed part-way this many times (samples already read "
+        "are skipped), then fail naming it")
+    on_error: str = doc_field("raise",
+        "bad sample or shard: 'raise' stops naming shard and key; 'skip' goes on and counts it per "
+        "reason")
 
 
 @dataclass
 class ModelConfig:
-    in_channels: int = F(1028, "spectral channels of the input tiles")
-    channels: list[int] = F([512, 256, 128], "encoder widths per level, from the input "
-                                             "resolution down; the spatial size halves between "
-                                             "levels (decoder mirrors it)")
-    num_res_blocks: int = F(1, "ResNet blocks per level")
-    attn_resolutions: list[int] = F([], "spatial sizes at which encoder/decoder levels get "
-                                        "self-attention (the research model: none)")
-    mid_attention: bool = F(True, "self-attention in the middle block")
-    attn_heads: int = F(4, "attention heads")
-    norm_groups: int = F(8, "GroupNorm groups")
-    norm_eps: float = F(1e-6, "GroupNorm epsilon")
-    activation: str = F("gelu", "gelu | silu | relu")
-    latent_channels: int = F(32, "latent channels")
-    double_z: bool = F(True, "encoder predicts mean and log-variance (a VAE); false: plain AE")
-    logvar_min: float = F(-30.0, "posterior log-variance clamp, low")
-    logvar_max: float = F(20.0, "posterior log-variance clamp, high")
-    head_hidden: list[int] = F([512, 512], "L2 head hidden widths (1x1 convolutions)")
-    head_outputs: int = F(4, "L2 products predicted (NO2, O3TOT, HCHO, CLDO4)")
-    tile_size: int = F(64, "input tile height/width (for FLOP counting and checks)")
-    spectral_input: str = F("zscore", "encoder input: 'zscore' (the normalised radiance, the "
-                                      "research model) or 'highpass' (per pixel, the log "
-                                      "radiance's residual from a polynomial in wavelength "
-                                      "plus the polynomial's coefficients; see train/model.py)")
-    highpass_degree: int = F(5, "polynomial degree of spectral_input='highpass'")
-    geometry: str = F("none", "viewing geometry from the samples' geo member (cos SZA, cos VZA, "
-                              "2/geometric air-mass factor): 'encoder' (extra input "
-                              "channels), 'head' (appended to the head's input per latent "
-                              "cell), 'both', or 'none' (the research model)")
+    in_channels: int = doc_field(1028, "spectral channels of the input tiles")
+    channels: list[int] = doc_field([512, 256, 128],
+        "encoder widths per level, from the input resolution down; the spatial size halves between "
+        "levels (decoder mirrors it)")
+    num_res_blocks: int = doc_field(1, "ResNet blocks per level")
+    attn_resolutions: list[int] = doc_field([],
+        "spatial sizes at which encoder/decoder levels get self-attention (the research model: "
+        "none)")
+    mid_attention: bool = doc_field(True, "self-attention in the middle block")
+    attn_heads: int = doc_field(4, "attention heads")
+    norm_groups: int = doc_field(8, "GroupNorm groups")
+    norm_eps: float = doc_field(1e-6, "GroupNorm epsilon")
+    activation: str = doc_field("gelu", "gelu | silu | relu")
+    latent_channels: int = doc_field(32, "latent channels")
+    double_z: bool = doc_field(True,
+        "encoder predicts mean and log-variance (a VAE); false: plain AE")
+    logvar_min: float = doc_field(-30.0, "posterior log-variance clamp, low")
+    logvar_max: float = doc_field(20.0, "posterior log-variance clamp, high")
+    head_hidden: list[int] = doc_field([512, 512], "L2 head hidden widths (1x1 convolutions)")
+    head_outputs: int = doc_field(4, "L2 products predicted (NO2, O3TOT, HCHO, CLDO4)")
+    tile_size: int = doc_field(64, "input tile height/width (for FLOP counting and checks)")
+    spectral_input: str = doc_field("zscore",
+        "encoder input: 'zscore' (the normalised radiance, the research model) or 'highpass' (per "
+        "pixel, the log radiance's residual from a polynomial in wavelength plus the polynomial's "
+        "coefficients; see train/model.py)")
+    highpass_degree: int = doc_field(5, "polynomial degree of spectral_input='highpass'")
+    geometry: str = doc_field("none",
+        "viewing geometry from the samples' geo member (cos SZA, cos VZA, 2/geometric air-mass "
+        "factor): 'encoder' (extra input channels), 'head' (appended to the head's input per "
+        "latent cell), 'both', or 'none' (the research model)")
 
 
 @dataclass
 class LossConfig:
-    recon: str = F("l1", "reconstruction loss: l1 | l2")
-    recon_reduction: str = F("sum", "'sum': the VAE terms summed over a tile's C x H x W "
-                                    "elements (the research objective); 'mean': divided by "
-                                    "C x H x W, a per-element likelihood on the scale of the "
-                                    "L2 terms (see train/losses.py)")
-    logvar_init: float = F(6.0, "initial learned log-variance of the reconstruction (0 fixes "
-                                "nothing; see learn_logvar)")
-    learn_logvar: bool = F(True, "learn the scalar reconstruction log-variance")
-    kl_weight: float = F(1e-6, "weight of the KL term")
-    l2_weights: list[float] = F([0.1, 0.1, 0.1, 0.1], "weight per product (NO2, O3TOT, HCHO, "
-                                                      "CLDO4); all 0: unsupervised")
-    l2_share: float = F(0.0, "0: the L2 terms weigh l2_weights as they are. In (0, 1): all L2 "
-                             "terms are also multiplied by one factor, re-set every "
-                             "l2_share_every steps, that makes the supervision this share of "
-                             "the gradient entering the encoder (norm of the L2 part / sum "
-                             "of the norms of the VAE and L2 parts, at the encoder output); "
-                             "l2_weights then only set the products' relative weights. Not "
-                             "under ZeRO-3")
-    l2_share_every: int = F(10, "steps between re-settings of the L2 factor (loss.l2_share)")
-    l2_min_valid_fraction: float = F(0.5, "a latent cell gets a target if at least this "
-                                          "fraction of its pixels is valid")
+    recon: str = doc_field("abs",
+        "reconstruction error per element: 'abs' (|x - x_hat|, logged as recon_mae; the "
+        "research code's L1 loss) or 'squared' ((x - x_hat)^2, logged as recon_mse)")
+    recon_reduction: str = doc_field("sum",
+        "'sum': the VAE terms summed over a tile's C x H x W elements (the research objective); "
+        "'mean': divided by C x H x W, a per-element likelihood on the scale of the L2 terms (see "
+        "train/losses.py)")
+    logvar_init: float = doc_field(6.0,
+        "initial learned log-variance of the reconstruction (0 fixes nothing; see learn_logvar)")
+    learn_logvar: bool = doc_field(True, "learn the scalar reconstruction log-variance")
+    kl_weight: float = doc_field(1e-6, "weight of the KL term")
+    l2_weights: list[float] = doc_field([0.1, 0.1, 0.1, 0.1],
+        "weight per product (NO2, O3TOT, HCHO, CLDO4); all 0: unsupervised")
+    l2_share: float = doc_field(0.0,
+        "0: the L2 terms weigh l2_weights as they are. In (0, 1): all L2 terms are also multiplied "
+        "by one factor, re-set every l2_share_every steps, that makes the supervision this share "
+        "of the gradient entering the encoder (norm of the L2 part / sum of the norms of the VAE "
+        "and L2 parts, at the encoder output); l2_weights then only set the products' relative "
+        "weights. Not under ZeRO-3")
+    l2_share_every: int = doc_field(10,
+        "steps between re-settings of the L2 factor (loss.l2_share)")
+    l2_min_valid_fraction: float = doc_field(0.5,
+        "a latent cell gets a target if at least this fraction of its pixels is valid")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = F(1e-4, "peak learning rate")
-    betas: list[float] = F([0.9, 0.95], "AdamW betas")
-    weight_decay: float = F(0.05, "AdamW weight decay")
-    eps: float = F(1e-8, "AdamW epsilon")
-    warmup_steps: int = F(0, "linear warmup steps")
-    min_lr_ratio: float = F(0.1, "cosine decay floor as a fraction of lr")
-    schedule: str = F("cosine", "cosine | constant")
-    grad_clip: float = F(1.0, "gradient norm clip (0: off); under DeepSpeed its "
-                              "gradient_clipping")
-    clip_logvar: bool = F(False, "include the scalar reconstruction log-variance in the "
-                                 "clipped gradient norm. false: it is left out (with 'sum' "
-                                 "reduction its gradient, one term per tile element, would "
-                                 "otherwise be nearly all of the norm and shrink every "
-                                 "update); Adam normalises its step on its own. DeepSpeed "
-                                 "clips every parameter together whatever this says")
-    grad_accum: int = F(1, "micro-batches per optimizer step")
+    lr: float = doc_field(1e-4, "peak learning rate")
+    betas: list[float] = doc_field([0.9, 0.95], "AdamW betas")
+    weight_decay: float = doc_field(0.05, "AdamW weight decay")
+    eps: float = doc_field(1e-8, "AdamW epsilon")
+    warmup_steps: int = doc_field(0, "linear warmup steps")
+    min_lr_ratio: float = doc_field(0.1, "cosine decay floor as a fraction of lr")
+    schedule: str = doc_field("cosine", "cosine | constant")
+    grad_clip: float = doc_field(1.0,
+        "gradient norm clip (0: off); under DeepSpeed its gradient_clipping")
+    clip_logvar: bool = doc_field(False,
+        "include the scalar reconstruction log-variance in the clipped gradient norm. false: it is "
+        "left out (with 'sum' reduction its gradient, one term per tile element, would otherwise "
+        "be nearly all of the norm and shrink every update); Adam normalises its step on its own. "
+        "DeepSpeed clips every parameter together whatever this says")
+    grad_accum: int = doc_field(1, "micro-batches per optimizer step")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = F("runs/default", "run folder: checkpoints, TensorBoard logs, config")
-    steps: int = F(1000, "optimizer steps to train")
-    seed: int = F(0, "seed of model initialisation and posterior sampling")
-    log_every: int = F(10, "steps between log lines / scalars")
-    val_every: int = F(200, "steps between validations (0: only at the end)")
-    val_batches: int = F(0, "validation batches per rank (0: the whole validation split, "
-                            "each tile once whatever the number of ranks; > 0: the tiles "
-                            "validated depend on the number of ranks)")
-    ckpt_every: int = F(500, "steps between checkpoints (0: only at the end)")
-    keep_last: int = F(3, "checkpoints kept")
-    resume: str = F("", "'' (fresh), 'latest', or a checkpoint folder")
-    image_every: int = F(0, "steps between TensorBoard images (0: at validation)")
-    peak_tflops: float = F(0.0, "device bf16 peak TFLOP/s for MFU (0: from the device name)")
-    on_nonfinite: str = F("raise", "non-finite loss/grad: 'raise' (stop, naming the term and "
-                                   "keys) or 'skip' (skip the step, counted)")
-    max_skipped_in_a_row: int = F(20, "with on_nonfinite=skip: stop after this many "
-                                      "consecutive skipped steps (the run has diverged)")
-    collective_timeout_s: int = F(1800, "a rank that stops answering (hung I/O, a lost node) "
-                                        "fails the job after this many seconds")
-    progress: bool = F(True, "progress bar on the main process")
-    grad_shares: bool = F(True, "at log steps, log each loss term's share of the gradient "
-                                "entering the encoder (grad_share/<term>; one extra backward "
-                                "through decoder and head per term; not under ZeRO-3)")
+    output_dir: str = doc_field("runs/default", "run folder: checkpoints, TensorBoard logs, config")
+    steps: int = doc_field(1000, "optimizer steps to train")
+    seed: int = doc_field(0, "seed of model initialisation and posterior sampling")
+    log_every: int = doc_field(10, "steps between log lines / scalars")
+    val_every: int = doc_field(200, "steps between validations (0: only at the end)")
+    val_batches: int = doc_field(0,
+        "validation batches per rank (0: the whole validation split, each tile once whatever the "
+        "number of ranks; > 0: the tiles validated depend on the number of ranks)")
+    ckpt_every: int = doc_field(500, "steps between checkpoints (0: only at the end)")
+    keep_last: int = doc_field(3, "checkpoints kept")
+    resume: str = doc_field("", "'' (fresh), 'latest', or a checkpoint folder")
+    image_every: int = doc_field(0, "steps between TensorBoard images (0: at validation)")
+    peak_tflops: float = doc_field(0.0,
+        "device bf16 peak TFLOP/s for MFU (0: from the device name)")
+    on_nonfinite: str = doc_field("raise",
+        "non-finite loss/grad: 'raise' (stop, naming the term and keys) or 'skip' (skip the step, "
+        "counted)")
+    max_skipped_in_a_row: int = doc_field(20,
+        "with on_nonfinite=skip: stop after this many consecutive skipped steps (the run has "
+        "diverged)")
+    collective_timeout_s: int = doc_field(1800,
+        "a rank that stops answering (hung I/O, a lost node) fails the job after this many seconds")
+    progress: bool = doc_field(True, "progress bar on the main process")
+    grad_shares: bool = doc_field(True,
+        "at log steps, log each loss term's share of the gradient entering the encoder "
+        "(grad_share/<term>; one extra backward through decoder and head per term; not under "
+        "ZeRO-3)")
 
 
 @dataclass
@@ -295,7 +306,10 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.model.highpass_degree <= 12, "model.highpass_degree", "must be in 0..12")
     need(cfg.model.geometry in ("none", "encoder", "head", "both"), "model.geometry",
          "must be none, encoder, head or both")
-    need(cfg.loss.recon in ("l1", "l2"), "loss.recon", "must be l1 or l2")
+    renamed = {"l1": "abs", "l2": "squared"}  # L1/L2 name TEMPO processing levels here
+    need(cfg.loss.recon not in renamed, "loss.recon",
+         f"{cfg.loss.recon!r} is now called {renamed.get(cfg.loss.recon)!r}")
+    need(cfg.loss.recon in ("abs", "squared"), "loss.recon", "must be abs or squared")
     need(cfg.loss.recon_reduction in ("sum", "mean"), "loss.recon_reduction",
          "must be sum or mean")
     need(0.0 <= cfg.loss.l2_share < 1.0, "loss.l2_share", "must be in [0, 1)")

@@ -61,7 +61,7 @@ class Scores:
     subsample of (reference, prediction) pairs for plots."""
 
     def __init__(self, keep: int = 20000, seed: int = 0):
-        self.acc = np.zeros((len(L2_ORDER), 5))
+        self.sums = np.zeros((len(L2_ORDER), 5))
         self.keep = keep
         self.rng = np.random.default_rng(seed)
         self.pairs: list[list[np.ndarray]] = [[] for _ in L2_ORDER]
@@ -74,7 +74,7 @@ class Scores:
         for i in range(len(L2_ORDER)):
             m = np.isfinite(ref[i]) & np.isfinite(pred[i])
             y, e = ref[i][m], pred[i][m] - ref[i][m]
-            self.acc[i] += [m.sum(), e.sum(), (e * e).sum(), y.sum(), (y * y).sum()]
+            self.sums[i] += [m.sum(), e.sum(), (e * e).sum(), y.sum(), (y * y).sum()]
             if y.size:
                 self.pairs[i].append(np.stack([y, pred[i][m]], 1))
                 self.keys[i].append(self.rng.random(y.size))
@@ -96,7 +96,7 @@ class Scores:
     def result(self) -> dict:
         out = {}
         for i, p in enumerate(L2_ORDER):
-            n, se, se2, sy, sy2 = self.acc[i]
+            n, se, se2, sy, sy2 = self.sums[i]
             if n == 0:
                 out[p] = {"n": 0, "rmse": math.nan, "bias": math.nan, "r2": math.nan}
                 continue

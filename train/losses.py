@@ -6,7 +6,8 @@ samples (``valid``) and C_P the number of latent cells with a target for product
 counted over the whole step:
 
     nll   = sum over real samples of sum over (C, H, W) of (rec / exp(s) + s) / N,
-            s the learned scalar log-variance, rec = |x - x_hat| (l1) or (x - x_hat)^2 (l2)
+            s the learned scalar log-variance, rec = |x - x_hat| (loss.recon=abs) or
+            (x - x_hat)^2 (loss.recon=squared)
     kl    = kl_weight x sum over real samples of KL(q(z|x) || N(0, I)) / N
     l2/P  = weight_P x sum over valid latent cells of (pred - target)^2 / C_P, targets in
             model space pooled NaN-aware to the latent grid; exactly 0 when C_P = 0
@@ -36,6 +37,8 @@ from data_prep.shard_format import L2_ORDER
 
 # terms that are not shares of a sum (reported as they are, not added over micro-batches)
 NOT_ADDITIVE = ("rec_logvar",)
+# the logged reconstruction error per element (normalised units) for each loss.recon
+RECON_TERM = {"abs": "recon_mae", "squared": "recon_mse"}
 
 
 def nan_pool(x: torch.Tensor, factor: int, min_valid_fraction: float) -> torch.Tensor:
@@ -140,7 +143,7 @@ class VAELoss:
         if norm is None:
             norm = self.counts(l2_t, valid, latent)
         n = max(norm.samples, 1.0)
-        diff = (x - recon).abs() if self.cfg.recon == "l1" else (x - recon).pow(2)
+        diff = (x - recon).abs() if self.cfg.recon == "abs" else (x - recon).pow(2)
         per_sample = diff.sum(dim=(1, 2, 3))  # (B,)
         s = out["rec_logvar"].float()
         n_el = x[0].numel()
@@ -149,7 +152,7 @@ class VAELoss:
         terms = {
             "nll": nll,
             "kl": kl,
-            "recon_" + self.cfg.recon: (per_sample * w).sum() / (n * n_el),
+            RECON_TERM[self.cfg.recon]: (per_sample * w).sum() / (n * n_el),
             "rec_logvar": s.detach(),
         }
         scale = 1.0 / n_el if self.cfg.recon_reduction == "mean" else 1.0

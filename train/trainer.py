@@ -127,10 +127,9 @@ class Trainer:
         from accelerate.utils import DistributedType, set_seed
 
         self.cfg = cfg
-        self.acc = accelerator or make_accelerator(cfg)
-        acc = self.acc
-        self.rank, self.world = acc.process_index, acc.num_processes
-        self.is_main = acc.is_main_process
+        self.accelerator = accelerator = accelerator or make_accelerator(cfg)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.is_main = accelerator.is_main_process
         self.stop_fn = stop_fn or stop_signal
         self.out_dir = cfg.train.output_dir
         set_seed(cfg.train.seed)  # identical initialisation on every rank
@@ -159,16 +158,16 @@ class Trainer:
         optimizer, self.scheduler = build_optimizer(self.model, cfg)
         self.lr_at = lr_lambda(cfg)
 
-        if acc.gradient_accumulation_steps != cfg.optim.grad_accum:
+        if accelerator.gradient_accumulation_steps != cfg.optim.grad_accum:
             src = _launcher_source("gradient_accumulation_steps") or "the Accelerator"
-            raise ConfigError(f"gradient accumulation {acc.gradient_accumulation_steps} from "
+            raise ConfigError(f"gradient accumulation {accelerator.gradient_accumulation_steps} from "
                               f"{src}, but optim.grad_accum={cfg.optim.grad_accum}: the run "
                               "config sets the accumulation")
-        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.ds_config: dict = {}
         if self.deepspeed:
             self.ds_config = self._reconcile_deepspeed()
-        self.ckpt = CheckpointManager(acc, os.path.join(self.out_dir, "checkpoints"),
+        self.ckpt = CheckpointManager(accelerator, os.path.join(self.out_dir, "checkpoints"),
                                       cfg.train.keep_last, self.n_params,
                                       on_exit=lambda: self.sink.flush(),
                                       **(checkpoint_io or {}))
@@ -191,12 +190,12 @@ class Trainer:
             self._log("note: train.grad_shares is not computed under ZeRO-3 (partitioned "
                       "parameters cannot be re-entered for a partial backward)")
         # the scheduler is not prepared: see train.optim
-        self.model, self.optimizer = acc.prepare(self.model, optimizer)
-        self.in_dtype = torch.bfloat16 if (self.deepspeed and acc.mixed_precision == "bf16") \
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        self.in_dtype = torch.bfloat16 if (self.deepspeed and accelerator.mixed_precision == "bf16") \
             else torch.float32
 
         # posterior sampling noise: a generator per rank, saved with checkpoints
-        self.gen = torch.Generator(device=acc.device)
+        self.gen = torch.Generator(device=accelerator.device)
         self.gen.manual_seed(cfg.train.seed * 1000003 + self.rank)
         self.step = 0
         self.samples_seen = 0
@@ -215,8 +214,8 @@ class Trainer:
     def _reconcile_deepspeed(self) -> dict:
         """Fill the DeepSpeed values the run config owns; stop (ConfigError) when the JSON or
         the launcher fixed one to another value, naming where it came from."""
-        cfg, acc = self.cfg, self.acc
-        plugin = acc.state.deepspeed_plugin
+        cfg, accelerator = self.cfg, self.accelerator
+        plugin = accelerator.state.deepspeed_plugin
         ds = plugin.deepspeed_config
         json_path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed JSON")
         mb, o = cfg.data.batch_size, cfg.optim
@@ -245,7 +244,7 @@ class Trainer:
         the checkpoint's)."""
         import dataclasses
 
-        stats = self.train_loader.dataset.shards.stats["l1"]
+        stats = self.train_loader.shards.stats["l1"]
         if "wavelength_nm" not in stats:
             raise ConfigError(f"model.spectral_input=highpass needs l1.wavelength_nm in "
                               f"{self.cfg.data.shards}/stats.json")
@@ -329,7 +328,7 @@ class Trainer:
             else:
                 last = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
                 problem = f"converting it to a universal checkpoint failed ({last})"
-        failed = self._reduce(torch.tensor([float(bool(problem))], device=self.acc.device))
+        failed = self._reduce(torch.tensor([float(bool(problem))], device=self.accelerator.device))
         if failed.item() > 0:  # every rank stops, before anything is loaded
             raise ConfigError(
                 f"cannot resume {path} (saved by {saved_world} ranks) on {self.world} ranks: "
@@ -348,7 +347,7 @@ class Trainer:
             self.model.load_checkpoint(path, tag=self.universal, load_optimizer_states=True,
                                        load_lr_scheduler_states=False)
         else:
-            self.acc.load_state(path)
+            self.accelerator.load_state(path)
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -389,23 +388,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _batch_to_device(self, batch):
-        dev = self.acc.device
+        dev = self.accelerator.device
         x = batch["l1"].to(dev, non_blocking=True).to(self.in_dtype)
         return x, batch["l2_t"].to(dev), batch["valid"].to(dev), batch["geo"].to(dev)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(t, reduction="sum") if self.world > 1 else t
+        return self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
 
     def step_counts(self, window: list[dict]) -> StepCounts:
         """Real samples and valid L2 cells of the step's micro-batches on every rank."""
         local = StepCounts(0.0, [0.0] * len(L2_ORDER))
         for b in window:
             local = local + self.loss_fn.counts(b["l2_t"], b["valid"], self.latent)
-        return StepCounts.from_tensor(self._reduce(local.as_tensor(self.acc.device)))
+        return StepCounts.from_tensor(self._reduce(local.as_tensor(self.accelerator.device)))
 
     def train_step(self, window: list[dict]) -> StepResult:
         """One optimizer step over ``window`` (optim.grad_accum micro-batches)."""
-        acc, model = self.acc, self.model
+        accelerator, model = self.accelerator, self.model
         n_micro = len(window)
         counts = self.step_counts(window)
         # DDP / DeepSpeed average gradients over ranks, Accelerate / DeepSpeed divide the
@@ -414,12 +413,12 @@ class Trainer:
         lr = float(self.scheduler.optimizer.param_groups[0]["lr"])
         sums: dict[str, torch.Tensor] = {}
         bad_msg, stop, skipped = None, False, False
-        acc.step = 0  # accumulation phase: the window's last micro-batch syncs
+        accelerator.step = 0  # accumulation phase: the window's last micro-batch syncs
         for j, batch in enumerate(window):
             x, l2_t, valid, geo = self._batch_to_device(batch)
-            with acc.accumulate(model):
+            with accelerator.accumulate(model):
                 last = j == n_micro - 1
-                if acc.sync_gradients != last:
+                if accelerator.sync_gradients != last:
                     raise RuntimeError(f"accumulation out of phase at micro-batch {j + 1}")
                 out = model(x, generator=self.gen, geo=geo)
                 terms = self.loss_fn(out, x, l2_t, valid, counts)
@@ -438,14 +437,14 @@ class Trainer:
                 # with a non-finite loss the gradients are non-finite too: the step is
                 # dropped below (DeepSpeed drops it itself), and the accumulation phase of
                 # every engine stays the same as in a good step
-                acc.backward(terms["loss"] * scale)
+                accelerator.backward(terms["loss"] * scale)
                 for k, v in terms.items():
                     v = v.detach()
                     sums[k] = v if (k in NOT_ADDITIVE or k not in sums) else sums[k] + v
                 if last:
                     clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 \
                         else float("inf")
-                    grad_norm = acc.clip_grad_norm_(self.clip_params, clip)
+                    grad_norm = accelerator.clip_grad_norm_(self.clip_params, clip)
                     finite = grad_norm is None or math.isfinite(float(grad_norm))
                     if bad_msg or not finite:
                         # every rank takes this branch (global flags, global norm). Under
@@ -474,7 +473,7 @@ class Trainer:
                 and self.step % self.cfg.loss.l2_share_every == 0:
             norms = self.loss_fn.supervision_norms(terms, n_el, out["moments"])
             if self.world > 1:
-                norms = self.acc.reduce(norms, reduction="mean")
+                norms = self.accelerator.reduce(norms, reduction="mean")
             self.loss_fn.rebalance(norms, share)
             terms["loss"] = self.loss_fn.total(terms, n_el)
         if self.grad_shares and ((self.step + 1) % self.cfg.train.log_every == 0
@@ -486,7 +485,7 @@ class Trainer:
     def _all_flags(self, nonfinite: bool) -> tuple[bool, bool]:
         """(any rank non-finite, any rank asked to stop): one small all-reduce."""
         t = torch.tensor([float(nonfinite), float(self.stop_fn() is not None)],
-                         device=self.acc.device)
+                         device=self.accelerator.device)
         t = self._reduce(t)
         return bool(t[0] > 0), bool(t[1] > 0)
 
@@ -508,7 +507,7 @@ class Trainer:
     def validate(self) -> dict:
         model = self.model
         model.eval()
-        metrics = ValMetrics(self.acc.device, self.cfg.loss.l2_min_valid_fraction)
+        metrics = ValMetrics(self.accelerator.device, self.cfg.loss.l2_min_valid_fraction)
         first = None
         self.val_loader.set_epoch(0)  # the whole split, same order, every time
         for i, batch in enumerate(self.val_loader):
@@ -517,12 +516,12 @@ class Trainer:
             x, _, valid, geo = self._batch_to_device(batch)
             out = model(x, sample=False, geo=geo)
             pred = self.transform.inverse(out["l2_pred"].float())
-            metrics.update(x.float(), out["recon"].float(), batch["l2"].to(self.acc.device),
+            metrics.update(x.float(), out["recon"].float(), batch["l2"].to(self.accelerator.device),
                            pred, valid)
             if first is None:
                 first = (x[:1].float().cpu(), out["recon"][:1].float().cpu(),
                          batch["l2"][:1], pred[:1].cpu())
-        metrics.reduce(self.acc)
+        metrics.reduce(self.accelerator)
         model.train()
         res = metrics.compute()
         if self.is_main and first is not None:
@@ -546,7 +545,7 @@ class Trainer:
             loader.set_epoch(loader.state.epoch + 1)
 
     def fit(self) -> dict:
-        acc, cfg = self.acc, self.cfg
+        accelerator, cfg = self.accelerator, self.cfg
         if self.resume_path:
             self.resume(self.resume_path, self.resume_state)
         if self.is_main:
@@ -558,7 +557,7 @@ class Trainer:
         accum_dtype = self._grad_accum_dtype()
         self._log(f"model {self.n_params / 1e6:.2f}M parameters, "
                   f"{self.flops_per_sample / 1e9:.2f} GFLOP/tile (train); {self.world} ranks; "
-                  f"deepspeed={self.deepspeed} precision={acc.mixed_precision}"
+                  f"deepspeed={self.deepspeed} precision={accelerator.mixed_precision}"
                   f"{f' grad_accum_dtype={accum_dtype}' if accum_dtype else ''}; "
                   f"{self.train_loader.shards.total} train tiles, "
                   f"{len(self.train_loader)} batches/epoch/rank, "
@@ -628,7 +627,7 @@ class Trainer:
         if self.world == 1:
             return {k: counts[k] for k in ERROR_REASONS if counts.get(k)}
         t = torch.tensor([float(counts.get(r, 0)) for r in ERROR_REASONS],
-                         device=self.acc.device)
+                         device=self.accelerator.device)
         t = self._reduce(t)
         return {r: int(v) for r, v in zip(ERROR_REASONS, t.tolist()) if v}
 
@@ -652,7 +651,7 @@ class Trainer:
         keys = sorted({k for r in results for k in r.terms})
         mean = torch.tensor([float(torch.stack([r.terms[k].double().cpu() for r in results
                                                 if k in r.terms]).mean()) for k in keys],
-                            dtype=torch.float64, device=self.acc.device)
+                            dtype=torch.float64, device=self.accelerator.device)
         # a rank's share of the gradient is a ratio: averaged over ranks, as shared values
         shared = torch.tensor([k in SAME_ON_ALL_RANKS or k.startswith("grad_share/")
                                for k in keys], device=mean.device)
@@ -675,7 +674,7 @@ class Trainer:
                      / (self.peak_flops * self.world), step)
         for reason, n in errors.items():
             s.scalar(f"data/skipped_{reason}", n, step)
-        bar.set_postfix(loss=f"{vals['loss']:.4g}", l1=f"{vals.get('recon_l1', 0):.3f}",
+        bar.set_postfix(loss=f"{vals['loss']:.4g}", recon=f"{vals.get('recon_mae', vals.get('recon_mse', 0)):.3f}",
                         tiles_s=f"{tiles_per_s:.1f}")
         if errors and self.is_main:
             log.warning(f"step {self.step}: skipped samples so far: {errors}")

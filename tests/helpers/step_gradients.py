@@ -80,13 +80,13 @@ def step_gradients(cfg, accum: int, trainer=None, own_counts=False) -> dict:
 
     if trainer is None:
         trainer = Trainer(cfg, build_model_fn=lambda *a: Deterministic(build_model(*a)))
-    trainer.acc.gradient_accumulation_steps = accum
+    trainer.accelerator.gradient_accumulation_steps = accum
     trainer.grad_shares = False  # the loss below is one term, not the sum of contributions
     grads: dict = {}
 
     def capture(*a, **kw):  # record instead of updating: every term sees the same model
         grads[term] = {n: p.grad.detach().double().clone()
-                       for n, p in trainer.acc.unwrap_model(trainer.model).named_parameters()
+                       for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
                        if p.grad is not None}
     trainer.optimizer.step = capture
     batch = fixed_batch(cfg.model.in_channels, cfg.model.tile_size)

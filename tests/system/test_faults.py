@@ -267,7 +267,7 @@ def test_nonfinite_step_stops_naming_it_or_is_skipped_and_counted(train_shards, 
         assert f"non-finite {what} at step 3" in p.stderr
         assert "batch keys ['" in p.stderr and "train.on_nonfinite=skip" in p.stderr
         if what == "loss":
-            assert "rank 1 terms: ['nll', 'recon_l1', 'loss']" in p.stderr  # offending terms
+            assert "rank 1 terms: ['nll', 'recon_mae', 'loss']" in p.stderr  # offending terms
         assert not os.path.exists(os.path.join(out, "checkpoints"))  # nothing bad is saved
         return
     check(p)

@@ -23,7 +23,7 @@ def test_zero2_two_processes_train_checkpoint_and_resume(train_shards, tmp_path)
     p = launch(cfg, "train/main.py", args + ["train.steps=12", "train.ckpt_every=6"])
     check(p)
     assert "2 ranks; deepspeed=True precision=bf16" in p.stderr
-    loss = [v for _, v in scalars(out, "train/recon_l1")]
+    loss = [v for _, v in scalars(out, "train/recon_mae")]
     assert len(loss) == 12 and all(map(lambda v: v == v, loss))  # finite
     assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3  # it learns on the tiny set
     ck = os.path.join(out, "checkpoints")

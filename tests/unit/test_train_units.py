@@ -353,3 +353,16 @@ def test_one_process_fit_counts_every_micro_batch_and_follows_the_schedule(train
     state = json.load(open(os.path.join(cfg.train.output_dir, "checkpoints", "step_00000005",
                                         "trainer_state.json")))
     assert state["scheduler"]["last_epoch"] == 5 and state["samples_seen"] == want
+
+
+def test_reconstruction_error_names_are_not_processing_levels():
+    """loss.recon says abs/squared (L1/L2 are TEMPO processing levels here); the old names
+    fail with the new one, and the logged term says what it measures."""
+    from train.config import ConfigError, load_config
+    from train.losses import RECON_TERM
+
+    assert load_config(None, []).loss.recon == "abs" and RECON_TERM["abs"] == "recon_mae"
+    with pytest.raises(ConfigError, match="loss.recon: 'l1' is now called 'abs'"):
+        load_config(None, ["loss.recon=l1"])
+    with pytest.raises(ConfigError, match="loss.recon: 'l2' is now called 'squared'"):
+        load_config(None, ["loss.recon=l2"])
