@@ -42,8 +42,11 @@ import time
 
 import numpy as np
 
+from data_prep.logs import get_logger, setup_logging
 from data_prep.shard_format import L2_ORDER, L2_UNITS
 from data_prep.util import argument_parser
+
+log = get_logger(__name__)
 
 TRUTH_VARS = {"NO2": "no2_trop", "O3TOT": "o3", "HCHO": "hcho", "CLDO4": "cloud_fraction"}
 UNITS = L2_UNITS
@@ -283,8 +286,8 @@ def run_probes(feats: dict, targets_t: dict, targets_p: dict, transform, mlp_epo
                             "r2_model_space": r2_score(yva, pred), "r2": r2_score(yp, phys),
                             "rmse": float(np.sqrt((e * e).mean())), "bias": float(e.mean())}
             if progress:
-                print(f"  {kind} probe {p}: R^2 {out[kind][p]['r2_model_space']:.3f} (model "
-                      f"space) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+                log.info(f"{kind} probe {p}: R^2 {out[kind][p]['r2_model_space']:.3f} (model "
+                         f"space) in {time.perf_counter() - t0:.1f}s")
     return out
 
 
@@ -636,6 +639,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logging(quiet=getattr(args, "quiet", False))
     from data_prep.util import atomic_write_bytes, atomic_write_json
     from train.export import ExportError
 
@@ -645,7 +649,7 @@ def main(argv=None) -> int:
                                  args.mlp_epochs, args.seed, args.device, not args.quiet,
                                  args.max_cells)
     except (EvaluateError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
     os.makedirs(args.out, exist_ok=True)
     md = markdown(result)
@@ -653,7 +657,7 @@ def main(argv=None) -> int:
     atomic_write_json(os.path.join(args.out, "evaluation.json"), result)
     atomic_write_bytes(os.path.join(args.out, "evaluation.md"), md.encode())
     print(md)
-    print(f"written: {args.out}/evaluation.json, evaluation.md, scatter_*.png")
+    log.info(f"written: {args.out}/evaluation.json, evaluation.md, scatter_*.png")
     return 0
 
 

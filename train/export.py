@@ -35,7 +35,10 @@ import sys
 
 import numpy as np
 
+from data_prep.logs import get_logger, setup_logging
 from data_prep.util import argument_parser
+
+log = get_logger(__name__)
 
 FORMAT = "tempo-vae-model/1"
 WEIGHTS = "model.safetensors"
@@ -359,17 +362,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logging(quiet=getattr(args, "quiet", False))
     from train.runtime import setup_cpu_deepspeed
 
     setup_cpu_deepspeed()
     try:
         out = export(args.source, args.out_dir, args.shards, args.overwrite)
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
     info = json.load(open(os.path.join(out, "export.json")))
-    print(f"exported step {info['step']} ({info['checkpoint_kind']} checkpoint, "
-          f"{info['parameters']:,} parameters) to {out}")
+    log.info(f"exported step {info['step']} ({info['checkpoint_kind']} checkpoint, "
+             f"{info['parameters']:,} parameters) to {out}")
     return 0
 
 

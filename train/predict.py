@@ -42,8 +42,11 @@ import time
 
 import numpy as np
 
+from data_prep.logs import get_logger, setup_logging
 from data_prep.shard_format import L2_ORDER
 from data_prep.util import argument_parser
+
+log = get_logger(__name__)
 
 NC_FILL = np.float32(-1.0e30)
 PRODUCT_ATTRS = {
@@ -451,6 +454,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logging(quiet=getattr(args, "quiet", False))
     from tqdm import tqdm
 
     from train.export import ExportError
@@ -460,13 +464,13 @@ def main(argv=None) -> int:
     try:
         model = load_pretrained(args.model, dev)
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
     granules, ignored = gather_granules(args.inputs)
     for p, r in ignored:
-        print(f"ignored: {p}: {r}", file=sys.stderr)
+        log.warning(f"ignored: {p}: {r}")
     if not granules:
-        print("error: no RAD L1 file among the inputs", file=sys.stderr)
+        log.error("no RAD L1 file among the inputs")
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
     failed, done, t0 = {}, 0, time.perf_counter()
@@ -496,11 +500,11 @@ def main(argv=None) -> int:
             continue
         done += 1
     dt_s = time.perf_counter() - t0
-    print(f"{done} of {len(granules)} granules predicted into {args.out_dir} in {dt_s:.1f}s "
-          f"(model step {model.pretrained.step}, device {dev}, "
-          f"{'bf16' if ac is not None else 'fp32'})")
+    log.info(f"{done} of {len(granules)} granules predicted into {args.out_dir} in {dt_s:.1f}s "
+             f"(model step {model.pretrained.step}, device {dev}, "
+             f"{'bf16' if ac is not None else 'fp32'})")
     for k, e in failed.items():
-        print(f"error: granule {k}: {e}", file=sys.stderr)
+        log.error(f"granule {k}: {e}")
     return 1 if failed else 0
 
 

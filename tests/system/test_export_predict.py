@@ -348,7 +348,7 @@ def test_zero3_checkpoint_exports_and_matches_the_live_model(train_shards, tmp_p
     q = subprocess.run([sys.executable, "-m", "train.export", out, str(tmp_path / "model")],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert q.returncode == 0, q.stderr[-3000:]
-    assert "deepspeed checkpoint" in q.stdout
+    assert "deepspeed checkpoint" in q.stderr
     model = load_pretrained(str(tmp_path / "model"))
     live = torch.load(probe)
     with torch.no_grad():
