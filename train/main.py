@@ -18,9 +18,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train.runtime import (  # noqa: E402
+from train.runtime import (
     install_stop_handlers,
     setup_cpu_deepspeed,
     stop_with_launcher,
