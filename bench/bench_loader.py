@@ -173,7 +173,7 @@ def main() -> int:
                            augment=augment)
             n = nbytes = 0
             for b in build_loader(c, "train"):
-                v = int(b["valid"].sum())
+                v = int(b["real"].sum())
                 n += v
                 nbytes += v * tile_bytes
             return n, nbytes

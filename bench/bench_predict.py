@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     loader = build_loader(dcfg, "val")
     tiles = []
     for b in loader:
-        tiles += [b["l1"][i].numpy() for i in range(len(b["keys"])) if b["valid"][i]]
+        tiles += [b["l1"][i].numpy() for i in range(len(b["keys"])) if b["real"][i]]
     tiles = np.stack(tiles)
     transform = model.pretrained.transform
 
@@ -129,8 +129,8 @@ def main(argv=None) -> int:
                 with torch.autocast(dev.type, dtype=ac, enabled=ac is not None):
                     out = model(x, sample=False)
                 pred = transform.inverse(out["l2_pred"].float())
-                metrics.update(x, out["recon"].float(), b["l2"].to(dev), pred, b["valid"].to(dev))
-                seen += int(b["valid"].sum())
+                metrics.update(x, out["recon"].float(), b["l2"].to(dev), pred, b["real"].to(dev))
+                seen += int(b["real"].sum())
         metrics.compute()
         assert seen == len(tiles), (seen, len(tiles))
         sync()

@@ -41,7 +41,7 @@ def epoch(spec: str, workers: int) -> tuple[float, int, int]:
     t = time.perf_counter()
     n = nbytes = 0
     for b in loader:
-        v = int(b["valid"].sum())
+        v = int(b["real"].sum())
         n += v
         nbytes += v * b["l1"][0].numel() * b["l1"].element_size()
     return time.perf_counter() - t, n, nbytes

@@ -92,7 +92,7 @@ def main() -> int:
     b, c, t = args.batch_size, cfg.model.in_channels, cfg.model.tile_size
     g = torch.Generator().manual_seed(0)
     batch = {"l1": torch.randn(b, c, t, t, generator=g).half(),
-             "l2_t": torch.randn(b, 4, t, t, generator=g), "valid": torch.ones(b, dtype=bool),
+             "l2_t": torch.randn(b, 4, t, t, generator=g), "real": torch.ones(b, dtype=bool),
              "geo": torch.zeros(b, 4, t, t),
              "keys": [f"k{i}" for i in range(b)]}
 
@@ -106,9 +106,9 @@ def main() -> int:
     def bare_step():
         # the batch arrives as the loader makes it (fp16 L1), like ours
         xb = batch["l1"].to(dev).to(bare_dtype)
-        l2b, vb = batch["l2_t"].to(dev), batch["valid"].to(dev)
+        l2b, rb = batch["l2_t"].to(dev), batch["real"].to(dev)
         out = bare(xb)
-        terms = loss_fn(out, xb, l2b, vb)
+        terms = loss_fn(out, xb, l2b, rb)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.optim.grad_clip)
         opt.step()

@@ -11,10 +11,10 @@ The pipeline of one (rank, worker) slot, in order:
     decode                .npy -> tensors (no copy), shapes/dtypes/finite L1 checked
     augment               flips and 90-degree rotations, the same for L1, L2 and geo
     L2 transforms         physical -> model space (train/transforms.py); both are kept
-    batch                 stacked tensors + `valid` mask + keys
+    batch                 stacked tensors + `real` mask (not padding) + keys
 
 Every slot yields the same number of batches per epoch; slots with fewer samples pad with
-copies flagged ``valid=False`` that losses and metrics ignore, so each sample counts exactly
+copies flagged ``real=False`` that losses and metrics ignore, so each sample counts exactly
 once per epoch and no rank waits in a collective for another that ran dry. All randomness
 comes from generators seeded by (seed, epoch, rank, worker); nothing uses global RNG state.
 Batches are CPU tensors and are not passed through ``accelerator.prepare``.
@@ -353,9 +353,10 @@ class ShardStream(IterableDataset):
             dst[i] = a
         return out
 
-    def _stack_l1(self, items: list[dict], valid: list[bool], counters: dict) -> torch.Tensor:
+    def _stack_l1(self, items: list[dict], real: list[bool], counters: dict) -> torch.Tensor:
         """Read each L1 payload from its shard straight into the batch (identity) or via a
-        reused staging buffer (flipped / rotated); check finiteness per sample."""
+        reused staging buffer (flipped / rotated); check finiteness per sample (a sample that
+        fails is counted as an error, zeroed and flagged ``real=False`` like padding)."""
         first = items[0]["l1"]
         out = self._alloc((len(items),) + tuple(first.shape), torch.float16)
         dst = out.numpy()
@@ -375,25 +376,25 @@ class ShardStream(IterableDataset):
                 except samples.SampleError as e:
                     self._fail(e, counters)
                     dst[i] = 0
-                    valid[i] = False
+                    real[i] = False
             else:
                 dst[i] = self._dihedral(a, k, flip)
         return out
 
-    def _collate(self, items: list[dict], valid: list[bool], counters: dict) -> dict:
+    def _collate(self, items: list[dict], real: list[bool], counters: dict) -> dict:
         l2 = self._stack([s["l2"] for s in items])  # (B, 4, H, W) physical
         return {
-            "l1": self._stack_l1(items, valid, counters),  # (B, C, H, W) float16
+            "l1": self._stack_l1(items, real, counters),  # (B, C, H, W) float16
             "l2": l2,
             "l2_t": self.transform.forward(l2),  # (B, 4, H, W) model space
             "geo": self._stack([s["geo"] for s in items]),
-            "valid": torch.tensor(valid, dtype=torch.bool),
+            "real": torch.tensor(real, dtype=torch.bool),  # (B,) False: padding
             "keys": [s["key"] for s in items],
             "errors": dict(counters),
         }
 
     def _template_sample(self) -> dict:
-        """Any decodable sample (the first one found), used only as padding (valid=False)."""
+        """Any decodable sample (the first one found), used only as padding (real=False)."""
         if self._template is None:
             for name in sorted(self.shards.sizes):
                 try:
@@ -439,7 +440,7 @@ class ShardStream(IterableDataset):
         stream = self._shuffled(self._tar_samples(self._shard_sequence(slot, rng), counters), rng)
         b = self.batch_size
         for i in range(n_batches):
-            items, valid = [], []
+            items, real = [], []
             while len(items) < b:
                 raw = next(stream, None)
                 if raw is None:
@@ -457,19 +458,19 @@ class ShardStream(IterableDataset):
                     continue
                 if i < skip:
                     items.append(None)
-                    valid.append(True)
+                    real.append(True)
                     continue
                 items.append(self._augment(s, k, flip) if (k or flip) else s)
-                valid.append(True)
+                real.append(True)
             if i < skip:
                 counters.clear()  # already counted before the checkpoint
                 continue
             if not items:
-                items, valid = [self._template_sample()], [False]
-            while len(items) < b:  # pad: copies flagged invalid
+                items, real = [self._template_sample()], [False]
+            while len(items) < b:  # pad: copies flagged not real
                 items.append(dict(items[-1]))
-                valid.append(False)
-            yield self._collate(items, valid, counters)
+                real.append(False)
+            yield self._collate(items, real, counters)
             counters.clear()
 
 

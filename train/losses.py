@@ -2,20 +2,22 @@
 the whole optimizer step.
 
 For one optimizer step (every micro-batch on every rank), with N the number of real
-samples (``valid``) and C_P the number of latent cells with a target for product P, both
-counted over the whole step:
+samples (``real``: not padding) and C_P the number of latent cells with a target for
+product P (enough valid L2 pixels, ``loss.l2_min_valid_fraction``), both counted over the
+whole step:
 
     nll   = sum over real samples of sum over (C, H, W) of (rec / exp(s) + s) / N,
             s the learned scalar log-variance, rec = |x - x_hat| (loss.recon=abs) or
             (x - x_hat)^2 (loss.recon=squared)
     kl    = kl_weight x sum over real samples of KL(q(z|x) || N(0, I)) / N
-    l2/P  = weight_P x sum over valid latent cells of (pred - target)^2 / C_P, targets in
-            model space pooled NaN-aware to the latent grid; exactly 0 when C_P = 0
+    l2/P  = weight_P x sum over latent cells with a target of (pred - target)^2 / C_P,
+            targets in model space pooled NaN-aware to the latent grid; exactly 0 when
+            C_P = 0 (logged: l2/P_target_cells, this micro-batch's cells with a target)
 
 A micro-batch's terms are its share of these sums (its own sums over the step's
 denominators ``StepCounts``), so the terms of all micro-batches on all ranks add up to the
 step's objective however the global batch is split: as token-count normalisation in
-language-model trainers. Padding samples (``valid=False``) contribute nothing.
+language-model trainers. Padding samples (``real=False``) contribute nothing.
 
 ``loss.recon_reduction`` = 'mean' divides the VAE part (nll + kl_weight x kl) by the elements
 of a tile, C x H x W: a per-element likelihood, so the L2 weights are relative to a
@@ -43,7 +45,8 @@ RECON_TERM = {"abs": "recon_mae", "squared": "recon_mse"}
 
 def nan_pool(x: torch.Tensor, factor: int, min_valid_fraction: float) -> torch.Tensor:
     """Average (B, K, H, W) over factor x factor blocks ignoring NaN; a block with fewer
-    than ``min_valid_fraction`` valid pixels becomes NaN. Returns (B, K, H/f, W/f)."""
+    than ``min_valid_fraction`` valid (finite) pixels becomes NaN: that latent cell has no
+    target. Returns (B, K, H/f, W/f)."""
     if factor == 1:
         return x
     b, k, h, w = x.shape
@@ -54,9 +57,8 @@ def nan_pool(x: torch.Tensor, factor: int, min_valid_fraction: float) -> torch.T
     n = valid.sum(dim=(3, 5))
     total = torch.where(valid, blocks, torch.zeros((), dtype=x.dtype, device=x.device))
     mean = total.sum(dim=(3, 5)) / n.clamp(min=1)
-    keep = n >= min_valid_fraction * factor * factor
-    keep &= n > 0
-    return torch.where(keep, mean, torch.full_like(mean, float("nan")))
+    has_target = (n >= min_valid_fraction * factor * factor) & (n > 0)
+    return torch.where(has_target, mean, torch.full_like(mean, float("nan")))
 
 
 def encoder_gradient_shares(contributions: dict[str, torch.Tensor],
@@ -87,11 +89,12 @@ class StepCounts:
     """Denominators of one optimizer step: real samples and, per product (L2_ORDER), latent
     cells with a target, summed over every micro-batch of the step on every rank."""
     samples: float
-    cells: list[float]
+    target_cells: list[float]
 
     def as_tensor(self, device=None) -> torch.Tensor:
-        """(1 + len(L2_ORDER),) float64: samples, then cells per product."""
-        return torch.tensor([self.samples, *self.cells], dtype=torch.float64, device=device)
+        """(1 + len(L2_ORDER),) float64: samples, then target cells per product."""
+        return torch.tensor([self.samples, *self.target_cells], dtype=torch.float64,
+                            device=device)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> StepCounts:
@@ -100,7 +103,7 @@ class StepCounts:
 
     def __add__(self, other: StepCounts) -> StepCounts:
         return StepCounts(self.samples + other.samples,
-                          [a + b for a, b in zip(self.cells, other.cells)])
+                          [a + b for a, b in zip(self.target_cells, other.target_cells)])
 
 
 class VAELoss:
@@ -116,32 +119,34 @@ class VAELoss:
     def supervised(self) -> bool:
         return any(w != 0 for w in self.l2_weights)
 
-    def _target_mask(self, l2_t: torch.Tensor, valid: torch.Tensor, latent: int):
+    def _target_mask(self, l2_t: torch.Tensor, real: torch.Tensor, latent: int):
         """Targets pooled to the (latent x latent) grid and the mask of cells that have one
         (finite target, real sample): (B, 4, latent, latent) each."""
         factor = l2_t.shape[-1] // latent
         target = nan_pool(l2_t.float(), factor, self.cfg.l2_min_valid_fraction)
-        mask = torch.isfinite(target) & valid.to(torch.bool)[:, None, None, None]
-        return target, mask
+        has_target = torch.isfinite(target) & real.to(torch.bool)[:, None, None, None]
+        return target, has_target
 
-    def counts(self, l2_t: torch.Tensor, valid: torch.Tensor, latent: int) -> StepCounts:
+    def counts(self, l2_t: torch.Tensor, real: torch.Tensor, latent: int) -> StepCounts:
         """This micro-batch's real samples and cells with a target per product, for a latent
         grid of ``latent`` x ``latent`` cells. l2_t: (B, 4, H, W) model-space targets."""
-        _, mask = self._target_mask(l2_t, valid, latent)
-        return StepCounts(float(valid.sum()), [float(c) for c in mask.sum(dim=(0, 2, 3))])
+        _, has_target = self._target_mask(l2_t, real, latent)
+        return StepCounts(float(real.sum()),
+                          [float(c) for c in has_target.sum(dim=(0, 2, 3))])
 
     def __call__(self, out: dict, x: torch.Tensor, l2_t: torch.Tensor,
-                 valid: torch.Tensor, norm: StepCounts | None = None
+                 real: torch.Tensor, norm: StepCounts | None = None
                  ) -> dict[str, torch.Tensor]:
         """Terms of this micro-batch as shares of the step's objective, over ``norm`` (the
         step's StepCounts; default: this micro-batch alone). x: (B, C, H, W) input, out: the
-        model output, l2_t: (B, 4, H, W) model-space targets (NaN: none), valid: (B,)."""
-        w = valid.to(torch.float32)  # (B,)
+        model output, l2_t: (B, 4, H, W) model-space targets (NaN: none), real: (B,) bool,
+        False for padding."""
+        w = real.to(torch.float32)  # (B,)
         x = x.float()
         recon = out["recon"].float()
         latent = out["l2_pred"].shape[-1] if "l2_pred" in out else 1
         if norm is None:
-            norm = self.counts(l2_t, valid, latent)
+            norm = self.counts(l2_t, real, latent)
         n = max(norm.samples, 1.0)
         diff = (x - recon).abs() if self.cfg.recon == "abs" else (x - recon).pow(2)
         per_sample = diff.sum(dim=(1, 2, 3))  # (B,)
@@ -159,14 +164,14 @@ class VAELoss:
         loss = scale * (nll + self.cfg.kl_weight * kl)
         if "l2_pred" in out:
             pred = out["l2_pred"].float()  # (B, 4, h, w)
-            target, mask = self._target_mask(l2_t, valid, latent)
-            err = torch.where(mask, pred - torch.nan_to_num(target), torch.zeros_like(pred))
-            cells = torch.tensor(norm.cells, dtype=torch.float32, device=pred.device)
-            per_product = err.pow(2).sum(dim=(0, 2, 3)) / cells.clamp(min=1)
-            count = mask.sum(dim=(0, 2, 3))
+            target, has_target = self._target_mask(l2_t, real, latent)
+            err = torch.where(has_target, pred - torch.nan_to_num(target), torch.zeros_like(pred))
+            step_cells = torch.tensor(norm.target_cells, dtype=torch.float32, device=pred.device)
+            per_product = err.pow(2).sum(dim=(0, 2, 3)) / step_cells.clamp(min=1)
+            target_cells = has_target.sum(dim=(0, 2, 3))
             for i, p in enumerate(L2_ORDER):
                 terms[f"l2/{p}"] = per_product[i]
-                terms[f"l2/{p}_valid_cells"] = count[i].float()
+                terms[f"l2/{p}_target_cells"] = target_cells[i].float()
                 loss = loss + self.l2_balance * self.l2_weights[i] * per_product[i]
         terms["loss"] = loss
         return terms

@@ -26,19 +26,20 @@ class ValMetrics:
         self.l2 = torch.zeros(len(L2_ORDER), len(FIELDS), dtype=torch.float64, device=device)
         self.rec = torch.zeros(4, dtype=torch.float64, device=device)  # n_el, sum|e|, sum e^2, n
 
-    def update(self, x, recon, l2_phys, pred_phys, valid) -> None:
-        """x, recon: (B, C, H, W); l2_phys: (B, 4, H, W) targets; pred_phys: (B, 4, h, w)."""
-        v = valid.to(torch.bool)
-        e = (recon.double() - x.double())[v]
+    def update(self, x, recon, l2_phys, pred_phys, real) -> None:
+        """x, recon: (B, C, H, W); l2_phys: (B, 4, H, W) targets; pred_phys: (B, 4, h, w);
+        real: (B,) bool, False for padding (ignored)."""
+        real = real.to(torch.bool)
+        e = (recon.double() - x.double())[real]
         self.rec += torch.stack([torch.tensor(e.numel(), dtype=torch.float64, device=e.device),
                                  e.abs().sum(), e.pow(2).sum(),
-                                 v.sum().to(torch.float64)])
+                                 real.sum().to(torch.float64)])
         factor = l2_phys.shape[-1] // pred_phys.shape[-1]
         y = nan_pool(l2_phys.double(), factor, self.min_valid)
-        m = torch.isfinite(y) & v[:, None, None, None]
-        err = torch.where(m, pred_phys.double() - torch.nan_to_num(y), 0.0)
-        y0 = torch.where(m, y, 0.0)
-        self.l2 += torch.stack([m.sum(dim=(0, 2, 3)).double(), err.sum(dim=(0, 2, 3)),
+        has_target = torch.isfinite(y) & real[:, None, None, None]
+        err = torch.where(has_target, pred_phys.double() - torch.nan_to_num(y), 0.0)
+        y0 = torch.where(has_target, y, 0.0)
+        self.l2 += torch.stack([has_target.sum(dim=(0, 2, 3)).double(), err.sum(dim=(0, 2, 3)),
                                 err.pow(2).sum(dim=(0, 2, 3)), y0.sum(dim=(0, 2, 3)),
                                 y0.pow(2).sum(dim=(0, 2, 3))], dim=1)
 

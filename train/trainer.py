@@ -4,12 +4,12 @@ TensorBoard, atomic rotating checkpoints, exact and elastic resume, graceful pre
 
 One optimizer step optimises the same objective whatever the number of ranks N and the
 accumulation A: the step's A micro-batches are read first on every rank, their real
-samples and valid L2 cells are summed over all ranks in one all-reduce, and every term of
-every micro-batch is normalised by those step totals (``train.losses``). The averaging
-over ranks and accumulation steps that DDP, DeepSpeed and Accelerate apply is undone by a
-factor N x A on each micro-batch loss, so the update is the gradient of the step's
-objective. The schedule is stepped once per optimizer step (``train.optim``), and a stop
-request is honoured only between optimizer steps.
+samples (not padding) and L2 latent cells with a target are summed over all ranks in one
+all-reduce, and every term of every micro-batch is normalised by those step totals
+(``train.losses``). The averaging over ranks and accumulation steps that DDP, DeepSpeed
+and Accelerate apply is undone by a factor N x A on each micro-batch loss, so the update
+is the gradient of the step's objective. The schedule is stepped once per optimizer step
+(``train.optim``), and a stop request is honoured only between optimizer steps.
 
 Pieces: ``train.checkpoint`` (storage), ``train.optim`` (optimizer, schedule),
 ``train.telemetry`` (TensorBoard), ``train.errors`` (failures and exit codes).
@@ -93,7 +93,7 @@ def latent_size(model_cfg) -> int:
 class StepResult:
     """One optimizer step. ``terms``: this rank's shares of the step's loss terms (detached
     tensors; their sum over ranks is the step's value, except SAME_ON_ALL_RANKS);
-    ``counts``: real samples and valid L2 cells of the step, all ranks; ``lr``: the
+    ``counts``: real samples and L2 cells with a target of the step, all ranks; ``lr``: the
     learning rate the step used; ``skipped``: dropped as non-finite; ``stop``: a rank
     received a stop signal (every rank agrees)."""
     terms: dict
@@ -250,7 +250,7 @@ class Trainer:
                               f"{self.cfg.data.shards}/stats.json")
         loader = build_loader(dataclasses.replace(self.cfg.data, num_workers=0), "train", 0, 1)
         batch = next(iter(loader))
-        x = batch["l1"][batch["valid"]].float()
+        x = batch["l1"][batch["real"]].float()
         self.model.init_spectral_scales(torch.tensor(stats["std"]),
                                         torch.tensor(stats["wavelength_nm"]), x)
 
@@ -390,16 +390,16 @@ class Trainer:
     def _batch_to_device(self, batch):
         dev = self.accelerator.device
         x = batch["l1"].to(dev, non_blocking=True).to(self.in_dtype)
-        return x, batch["l2_t"].to(dev), batch["valid"].to(dev), batch["geo"].to(dev)
+        return x, batch["l2_t"].to(dev), batch["real"].to(dev), batch["geo"].to(dev)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
 
     def step_counts(self, window: list[dict]) -> StepCounts:
-        """Real samples and valid L2 cells of the step's micro-batches on every rank."""
+        """Real samples and L2 cells with a target of the step's micro-batches, all ranks."""
         local = StepCounts(0.0, [0.0] * len(L2_ORDER))
         for b in window:
-            local = local + self.loss_fn.counts(b["l2_t"], b["valid"], self.latent)
+            local = local + self.loss_fn.counts(b["l2_t"], b["real"], self.latent)
         return StepCounts.from_tensor(self._reduce(local.as_tensor(self.accelerator.device)))
 
     def train_step(self, window: list[dict]) -> StepResult:
@@ -415,13 +415,13 @@ class Trainer:
         bad_msg, stop, skipped = None, False, False
         accelerator.step = 0  # accumulation phase: the window's last micro-batch syncs
         for j, batch in enumerate(window):
-            x, l2_t, valid, geo = self._batch_to_device(batch)
+            x, l2_t, real, geo = self._batch_to_device(batch)
             with accelerator.accumulate(model):
                 last = j == n_micro - 1
                 if accelerator.sync_gradients != last:
                     raise RuntimeError(f"accumulation out of phase at micro-batch {j + 1}")
                 out = model(x, generator=self.gen, geo=geo)
-                terms = self.loss_fn(out, x, l2_t, valid, counts)
+                terms = self.loss_fn(out, x, l2_t, real, counts)
                 if j == 0:
                     self._balance_and_shares(out, x, terms)
                 bad, stop_now = self._all_flags(not bool(torch.isfinite(terms["loss"])))
@@ -513,11 +513,11 @@ class Trainer:
         for i, batch in enumerate(self.val_loader):
             if self.cfg.train.val_batches and i >= self.cfg.train.val_batches:
                 break
-            x, _, valid, geo = self._batch_to_device(batch)
+            x, _, real, geo = self._batch_to_device(batch)
             out = model(x, sample=False, geo=geo)
             pred = self.transform.inverse(out["l2_pred"].float())
             metrics.update(x.float(), out["recon"].float(), batch["l2"].to(self.accelerator.device),
-                           pred, valid)
+                           pred, real)
             if first is None:
                 first = (x[:1].float().cpu(), out["recon"][:1].float().cpu(),
                          batch["l2"][:1], pred[:1].cpu())

@@ -5,8 +5,8 @@ Importable (``step_gradients(cfg, accum)`` in one process) and launchable
 (`torchrun --nproc_per_node 2 tests/helpers/step_gradients.py OUT 1,2 CONFIG [k=v ...]`,
 with ACCELERATE_USE_CPU=true for DDP on CPU); rank 0 saves {accum: {term: {param: grad}}}
 to OUT.
-The targets are mostly NaN (NO2 in tile 0 has a handful of valid latent cells) and tile 3 is
-padding (``valid=False``), so the per-term normalisation is what decides the gradient.
+The targets are mostly NaN (NO2 in tile 0 has a handful of latent cells with a target) and tile 3 is
+padding (``real=False``), so the per-term normalisation is what decides the gradient.
 """
 
 import os
@@ -31,7 +31,7 @@ def fixed_batch(channels: int, tile: int) -> dict:
     keep = torch.rand(GLOBAL_BATCH, 4, tile, tile, generator=g) < frac[:, :, None, None]
     l2 = torch.where(keep, l2, torch.full_like(l2, float("nan")))
     geo = torch.zeros(GLOBAL_BATCH, 4, tile, tile)
-    return {"l1": x, "l2_t": l2, "geo": geo, "valid": torch.tensor([True, True, True, False]),
+    return {"l1": x, "l2_t": l2, "geo": geo, "real": torch.tensor([True, True, True, False]),
             "keys": [f"tile{i}" for i in range(GLOBAL_BATCH)]}
 
 
@@ -55,8 +55,8 @@ class OneTerm:
     def counts(self, *a):
         return self.inner.counts(*a)
 
-    def __call__(self, out, x, l2_t, valid, norm=None):
-        t = self.inner(out, x, l2_t, valid, None if self.own_counts else norm)
+    def __call__(self, out, x, l2_t, real, norm=None):
+        t = self.inner(out, x, l2_t, real, None if self.own_counts else norm)
         # + 0 x the full loss: every parameter stays in the graph (DDP needs that)
         return t | {"loss": t[self.term] + 0.0 * t["loss"]}
 

@@ -99,7 +99,7 @@ def test_probe_r2_is_computed_on_valid_validation_cells_only():
     q = out["linear"]["O3TOT"]
     assert q["n_train"] == q["n_val"] == 400 - 134
     assert q["r2_model_space"] > 0.999 and q["r2"] > 0.999 and abs(q["bias"]) < 1e-6
-    assert np.isnan(out["linear"]["NO2"]["r2"])  # no valid cell: reported, not invented
+    assert np.isnan(out["linear"]["NO2"]["r2"])  # no cell with a target: reported, not invented
     sub = run_probes(feats, targ_t, targ_p, t, mlp_epochs=1, seed=0, progress=False,
                      max_cells=50)
     assert sub["linear"]["O3TOT"]["n_train"] == 50 and sub["linear"]["O3TOT"]["n_val"] == 266

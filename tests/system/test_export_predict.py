@@ -159,7 +159,7 @@ def test_predictions_on_tiles_equal_validation(model_dir, synth_dir, train_shard
             out = model(batch["l1"].float(), sample=False)
             pred = model.pretrained.transform.inverse(out["l2_pred"].float())
             for i, key in enumerate(batch["keys"]):
-                if batch["valid"][i]:
+                if batch["real"][i]:
                     want[key] = (pred[i].numpy(), out["mean"][i].numpy(), batch["l1"][i].numpy())
     assert len(want) == 6
     files = granule_files(synth_dir)

@@ -353,7 +353,7 @@ def test_schedule_counts_and_a_stop_inside_an_accumulation_window(train_shards, 
         while left:
             loader.set_epoch(epoch)
             for batch in loader:
-                want += int(batch["valid"].sum())
+                want += int(batch["real"].sum())
                 left -= 1
                 if not left:
                     break

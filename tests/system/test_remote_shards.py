@@ -89,13 +89,13 @@ def batches(c, world=1, split="train", epoch=1):
 
 
 def same(a, b):
-    """Same batch counts per rank, same keys, validity and tensors in the same order."""
+    """Same batch counts per rank, same keys, real flags and tensors in the same order."""
     assert [n for n, _ in a] == [n for n, _ in b]
     for (_, xs), (_, ys) in zip(a, b):
         assert len(xs) == len(ys)
         for x, y in zip(xs, ys):
             assert x["keys"] == y["keys"]
-            assert torch.equal(x["valid"], y["valid"])
+            assert torch.equal(x["real"], y["real"])
             assert torch.equal(x["l1"], y["l1"])
             assert torch.equal(x["l2"].nan_to_num(-1), y["l2"].nan_to_num(-1))
 
@@ -110,9 +110,9 @@ def all_keys(root, rels):
                   for raw in samples.iter_tar(os.path.join(root, rel)))
 
 
-def valid_keys(res):
+def real_keys(res):
     return sorted(k for _, bs in res for b in bs
-                  for k, v in zip(b["keys"], b["valid"].tolist()) if v)
+                  for k, v in zip(b["keys"], b["real"].tolist()) if v)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -120,7 +120,7 @@ def test_http_epoch_equals_local_folder(shards, server, world):
     local = batches(cfg(shards), world)
     remote = batches(cfg(server), world)
     same(local, remote)
-    assert valid_keys(remote) == all_keys(shards, shard_names(shards))  # exactly once
+    assert real_keys(remote) == all_keys(shards, shard_names(shards))  # exactly once
     reads = [Handler.requests.get(f"/{r}", 0) for r in shard_names(shards)]
     # each shard streamed once; one more opening of a shard for the padding template
     assert min(reads) == 1 and sum(reads) <= len(reads) + 1
@@ -162,7 +162,7 @@ def test_connection_dropped_every_time_names_the_shard(shards, server):
     Handler.drops[f"/{victim}"] = 100
     loader = build_loader(cfg(server, num_workers=0, shard_retries=1, on_error="skip"), "train")
     loader.set_epoch(1)
-    got = [k for b in loader for k, v in zip(b["keys"], b["valid"].tolist()) if v]
+    got = [k for b in loader for k, v in zip(b["keys"], b["real"].tolist()) if v]
     others = [r for r in shard_names(shards) if r != victim]
     want = all_keys(shards, others)
     victim_keys = all_keys(shards, [victim])
@@ -181,12 +181,12 @@ def test_pipe_cat_folder_and_brace_list(shards):
     src = ShardSource.parse(listed)
     assert src.listed == tuple(names[:3]) and src.kind == "gopen"
     res = batches(cfg(listed, num_workers=1))
-    assert valid_keys(res) == all_keys(shards, names[:3])
+    assert real_keys(res) == all_keys(shards, names[:3])
     local_list = f"{shards}/train/{{{','.join(stems)}}}.tar"  # the same list, local reader
     assert ShardSource.parse(local_list).local
-    assert valid_keys(batches(cfg(local_list, num_workers=1))) == all_keys(shards, names[:3])
+    assert real_keys(batches(cfg(local_list, num_workers=1))) == all_keys(shards, names[:3])
     # a split none of whose shards is listed keeps all of them
-    assert valid_keys(batches(cfg(listed, num_workers=1), split="val")) == \
+    assert real_keys(batches(cfg(listed, num_workers=1), split="val")) == \
         all_keys(shards, shard_names(shards, "val"))
 
 
@@ -194,7 +194,7 @@ def test_http_brace_list_with_two_lists(shards, server):
     names = shard_names(shards)
     spec = "::".join(f"{server}/{n}" for n in (names[0], names[-1]))
     res = batches(cfg(spec, num_workers=0))
-    assert valid_keys(res) == all_keys(shards, [names[0], names[-1]])
+    assert real_keys(res) == all_keys(shards, [names[0], names[-1]])
 
 
 def test_fsspec_memory_filesystem(shards):

@@ -49,8 +49,8 @@ def epoch_batches(c, world, epoch=0, split="train"):
     return out
 
 
-def valid_keys(batches):
-    return [k for b in batches for k, v in zip(b["keys"], b["valid"].tolist()) if v]
+def real_keys(batches):
+    return [k for b in batches for k, v in zip(b["keys"], b["real"].tolist()) if v]
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -58,22 +58,22 @@ def test_epoch_is_exactly_the_training_set(many_shards, world):
     sizes = json.load(open(os.path.join(many_shards, "sizes.json")))
     assert len({n for k, n in sizes.items() if k.startswith("train")}) > 1  # uneven shards
     res = epoch_batches(cfg(many_shards), world)
-    keys = [k for _, bs in res for k in valid_keys(bs)]
+    keys = [k for _, bs in res for k in real_keys(bs)]
     assert sorted(keys) == train_keys(many_shards)  # every sample once, no duplicates
     counts = {len(bs) for _, bs in res} | {n for n, _ in res}
     assert len(counts) == 1  # same number of batches on every rank, equal to len()
     for _, bs in res:
         for b in bs:
             assert b["l1"].shape[0] == 3 and b["l1"].dtype == torch.float16
-            assert b["l2_t"].shape == b["l2"].shape and b["valid"].dtype == torch.bool
+            assert b["l2_t"].shape == b["l2"].shape and b["real"].dtype == torch.bool
 
 
 def test_order_changes_per_epoch_and_repeats_per_seed(many_shards):
     c = cfg(many_shards)
-    e0 = [valid_keys(bs) for _, bs in epoch_batches(c, 2, epoch=0)]
-    e0b = [valid_keys(bs) for _, bs in epoch_batches(c, 2, epoch=0)]
-    e1 = [valid_keys(bs) for _, bs in epoch_batches(c, 2, epoch=1)]
-    other = [valid_keys(bs) for _, bs in epoch_batches(dataclasses.replace(c, seed=5), 2)]
+    e0 = [real_keys(bs) for _, bs in epoch_batches(c, 2, epoch=0)]
+    e0b = [real_keys(bs) for _, bs in epoch_batches(c, 2, epoch=0)]
+    e1 = [real_keys(bs) for _, bs in epoch_batches(c, 2, epoch=1)]
+    other = [real_keys(bs) for _, bs in epoch_batches(dataclasses.replace(c, seed=5), 2)]
     assert e0 == e0b
     assert e0 != e1 and e0 != other
     assert sorted(sum(e1, [])) == sorted(sum(e0, []))
@@ -86,8 +86,8 @@ def test_uneven_shards_give_equal_batches_and_finish(many_shards):
     c = cfg(many_shards, batch_size=2, num_workers=1)
     res = epoch_batches(c, 3)
     assert len({len(bs) for _, bs in res}) == 1
-    assert sorted(k for _, bs in res for k in valid_keys(bs)) == train_keys(many_shards)
-    pads = sum(int((~b["valid"]).sum()) for _, bs in res for b in bs)
+    assert sorted(k for _, bs in res for k in real_keys(bs)) == train_keys(many_shards)
+    pads = sum(int((~b["real"]).sum()) for _, bs in res for b in bs)
     assert pads > 0  # padding happened, and it is flagged, not counted twice
 
 
@@ -103,16 +103,16 @@ def test_resampled_mode_equal_and_deterministic(many_shards):
     c = cfg(many_shards, mode="resampled", samples_per_epoch=30)
     a = epoch_batches(c, 2)
     b = epoch_batches(c, 2)
-    assert [valid_keys(bs) for _, bs in a] == [valid_keys(bs) for _, bs in b]
+    assert [real_keys(bs) for _, bs in a] == [real_keys(bs) for _, bs in b]
     assert len({len(bs) for _, bs in a}) == 1
-    assert all(bool(x["valid"].all()) for _, bs in a for x in bs)  # endless: never padded
+    assert all(bool(x["real"].all()) for _, bs in a for x in bs)  # endless: never padded
 
 
 def test_validation_each_sample_once_over_ranks(many_shards):
     c = cfg(many_shards, num_workers=2)
     for world in (1, 3):
         res = epoch_batches(c, world, split="val")
-        assert sorted(k for _, bs in res for k in valid_keys(bs)) == train_keys(many_shards,
+        assert sorted(k for _, bs in res for k in real_keys(bs)) == train_keys(many_shards,
                                                                                  "val")
         assert len({len(bs) for _, bs in res}) == 1
     # deterministic and not augmented
@@ -216,9 +216,9 @@ def test_bad_sample_stops_with_key_or_is_skipped_and_counted(many_shards, tmp_pa
     loader = build_loader(dataclasses.replace(c, on_error="skip"), "train")
     batches = list(loader)
     assert loader.errors == {"bad_array": 1}
-    assert key not in valid_keys(batches)
+    assert key not in real_keys(batches)
     assert len(batches) == len(loader)
-    assert sorted(valid_keys(batches) + [key]) == train_keys(many_shards)
+    assert sorted(real_keys(batches) + [key]) == train_keys(many_shards)
 
 
 def test_nonfinite_l1_and_size_mismatch_are_named(many_shards, tmp_path):
@@ -257,7 +257,7 @@ def test_truncated_shard_stops_naming_it_or_is_skipped_and_counted(many_shards, 
     with pytest.raises(samples.ShardError, match=rel):
         list(build_loader(cfg(root, num_workers=0), "train"))
     loader = build_loader(cfg(root, num_workers=0, on_error="skip"), "train")
-    got = valid_keys(list(loader))
+    got = real_keys(list(loader))
     lost = loader.errors["unreadable_shard"]
     assert 1 <= lost <= sizes[rel] and set(loader.errors) == {"unreadable_shard"}
     assert len(got) == len(set(got)) == sum(n for k, n in sizes.items()
@@ -280,4 +280,4 @@ def test_workers_leave_stop_signals_to_their_rank(many_shards):
         w.send_signal(signal.SIGTERM)
         w.send_signal(signal.SIGUSR1)
     rest = list(it)
-    assert len(valid_keys([first] + rest)) == len(train_keys(many_shards))
+    assert len(real_keys([first] + rest)) == len(train_keys(many_shards))

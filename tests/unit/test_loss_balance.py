@@ -56,13 +56,13 @@ def test_gradient_shares_are_each_terms_norm_over_the_sum():
 
 def test_mean_reduction_is_the_sum_objective_over_the_tile_elements():
     model = tiny_model()
-    x, l2, _, valid = batch()
+    x, l2, _, real = batch()
     out = model(x, generator=torch.Generator().manual_seed(1))
     n_el = x[0].numel()
     w = [0.1, 0.2, 0.3, 0.4]
     summed = VAELoss(LossConfig(recon_reduction="sum", l2_weights=[v * n_el for v in w]))
     mean = VAELoss(LossConfig(recon_reduction="mean", l2_weights=w))
-    ts, tm = summed(out, x, l2, valid), mean(out, x, l2, valid)
+    ts, tm = summed(out, x, l2, real), mean(out, x, l2, real)
     assert float(tm["loss"].detach()) == pytest.approx(float(ts["loss"].detach()) / n_el, rel=1e-5)
     assert float(tm["loss"]) == pytest.approx(float(mean.total(tm, n_el)), rel=1e-6)
     # the scalar log-variance's gradient is a mean, not a sum over elements
@@ -73,10 +73,10 @@ def test_mean_reduction_is_the_sum_objective_over_the_tile_elements():
 
 def test_rebalance_gives_the_supervision_the_stated_share():
     model = tiny_model("both")
-    x, l2, geo, valid = batch()
+    x, l2, geo, real = batch()
     out = model(x, generator=torch.Generator().manual_seed(1), geo=geo)
     loss = VAELoss(LossConfig(recon_reduction="mean", l2_weights=[1, 2, 0, 1], l2_share=0.3))
-    terms = loss(out, x, l2, valid)
+    terms = loss(out, x, l2, real)
     n_el = x[0].numel()
     lam = loss.rebalance(loss.supervision_norms(terms, n_el, out["moments"]), 0.3)
     assert lam != 1.0

@@ -35,22 +35,22 @@ def _out(b=3, c=5, h=8, lat=2, kl=None):
             "rec_logvar": torch.tensor(0.5)}
 
 
-def test_loss_terms_masking_and_zero_valid():
+def test_loss_terms_masking_padding_and_no_target():
     cfg = LossConfig(kl_weight=0.01, l2_weights=[1.0, 0.0, 2.0, 0.5], l2_min_valid_fraction=0.5)
     loss = VAELoss(cfg)
     out = _out()
     x = torch.randn(3, 5, 8, 8, generator=torch.Generator().manual_seed(1))
     l2 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     l2[:, 1] = float("nan")  # O3TOT invalid everywhere
-    valid = torch.tensor([True, True, False])
-    t = loss(out, x, l2, valid)
+    real = torch.tensor([True, True, False])
+    t = loss(out, x, l2, real)
     assert all(torch.isfinite(v) for v in t.values())
-    assert t["l2/O3TOT"] == 0.0 and t["l2/O3TOT_valid_cells"] == 0
+    assert t["l2/O3TOT"] == 0.0 and t["l2/O3TOT_target_cells"] == 0
     # padding sample contributes nothing: changing it changes no term
     x2, l22 = x.clone(), l2.clone()
     x2[2] += 100.0
     l22[2] = 7.0
-    t2 = loss(out | {"recon": out["recon"]}, x2, l22, valid)
+    t2 = loss(out | {"recon": out["recon"]}, x2, l22, real)
     for k in t:
         assert torch.allclose(t[k], t2[k]), k
     # nll by hand: sum over real samples of (|x - x_hat| / e^s + s) / real samples
@@ -62,18 +62,18 @@ def test_loss_terms_masking_and_zero_valid():
     assert t["loss"] == pytest.approx(float(total), rel=1e-5)
 
 
-def test_l2_loss_is_mse_over_valid_cells():
+def test_l2_loss_is_mse_over_cells_with_a_target():
     cfg = LossConfig(l2_weights=[1, 1, 1, 1], l2_min_valid_fraction=1.0)
     out = _out(b=1, c=1, h=4)
     out["l2_pred"] = torch.zeros(1, 4, 2, 2)
     l2 = torch.full((1, 4, 4, 4), 2.0)
     l2[0, 0, 0, 0] = float("nan")  # kills the top-left NO2 cell at threshold 1.0
     t = VAELoss(cfg)(out, torch.zeros(1, 1, 4, 4), l2, torch.tensor([True]))
-    assert t["l2/NO2"] == pytest.approx(4.0) and t["l2/NO2_valid_cells"] == 3
-    assert t["l2/HCHO_valid_cells"] == 4
+    assert t["l2/NO2"] == pytest.approx(4.0) and t["l2/NO2_target_cells"] == 3
+    assert t["l2/HCHO_target_cells"] == 4
 
 
-def test_no_valid_sample_gives_exact_zero_not_nan():
+def test_no_real_sample_gives_exact_zero_not_nan():
     t = VAELoss(LossConfig())(_out(), torch.randn(3, 5, 8, 8), torch.full((3, 4, 8, 8), float("nan")),
                               torch.zeros(3, dtype=torch.bool))
     for k, v in t.items():
@@ -247,7 +247,7 @@ def test_elastic_resume_continues_the_epoch_with_exactly_the_unseen_samples(trai
                 loader.restore(position, layout, {})
             lens.add(len(loader))
             for i, b in enumerate(loader):
-                keys += [k for k, v in zip(b["keys"], b["valid"].tolist()) if v]
+                keys += [k for k, v in zip(b["keys"], b["real"].tolist()) if v]
                 if i + 1 == stop_after:
                     break
         assert len(lens) == 1  # every rank the same number of batches
@@ -340,7 +340,7 @@ def test_one_process_fit_counts_every_micro_batch_and_follows_the_schedule(train
     while left:
         loader.set_epoch(epoch)
         for b in loader:
-            want, left = want + int(b["valid"].sum()), left - 1
+            want, left = want + int(b["real"].sum()), left - 1
             if not left:
                 break
         epoch += 1
