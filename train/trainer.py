@@ -423,7 +423,7 @@ class Trainer:
                 out = model(x, generator=self.gen, geo=geo)
                 terms = self.loss_fn(out, x, l2_t, real, counts)
                 if j == 0:
-                    self._balance_and_shares(out, x, terms)
+                    self._balance_and_shares(out, x, terms, (l2_t, real, geo, counts))
                 bad, stop_now = self._all_flags(not bool(torch.isfinite(terms["loss"])))
                 stop = stop or stop_now
                 if bad:
@@ -464,23 +464,37 @@ class Trainer:
                         sums["grad_norm"] = torch.as_tensor(float(grad_norm))
         return StepResult(sums, counts, lr, skipped=skipped, stop=stop)
 
-    def _balance_and_shares(self, out: dict, x: torch.Tensor, terms: dict) -> None:
+    def _balance_and_shares(self, out: dict, x: torch.Tensor, terms: dict, batch: tuple) -> None:
         """On the step's first micro-batch: re-set the L2 factor (loss.l2_share, every
         loss.l2_share_every steps, norms averaged over ranks; terms["loss"] recomputed) and,
-        at log steps, add each term's share of the encoder gradient to ``terms``."""
+        at log steps, add each term's share of the encoder gradient to ``terms``.
+        ``batch``: (l2_t, real, geo, counts) of this micro-batch."""
         n_el, share = x[0].numel(), self.cfg.loss.l2_share
-        if share > 0 and self.loss_fn.supervised \
-                and self.step % self.cfg.loss.l2_share_every == 0:
-            norms = self.loss_fn.supervision_norms(terms, n_el, out["moments"])
+        balance = share > 0 and self.loss_fn.supervised \
+            and self.step % self.cfg.loss.l2_share_every == 0
+        shares = self.grad_shares and ((self.step + 1) % self.cfg.train.log_every == 0
+                                       or self.step == 0)
+        if not (balance or shares):
+            return
+        grad_out, grad_terms = out, terms
+        if self.deepspeed:
+            # DeepSpeed's engine hooks its forward outputs: a gradient taken through them
+            # (autograd.grad) runs the engine's backward epilogue with no parameter gradient
+            # (IndexError in ZeRO 1/2). The norms come from a second forward of the bare
+            # module at the posterior mean instead, whose graph the engine does not see
+            l2_t, real, geo, counts = batch
+            grad_out = self.accelerator.unwrap_model(self.model)(x, sample=False, geo=geo)
+            grad_terms = self.loss_fn(grad_out, x, l2_t, real, counts)
+        if balance:
+            norms = self.loss_fn.supervision_norms(grad_terms, n_el, grad_out["moments"])
             if self.world > 1:
                 norms = self.accelerator.reduce(norms, reduction="mean")
             self.loss_fn.rebalance(norms, share)
             terms["loss"] = self.loss_fn.total(terms, n_el)
-        if self.grad_shares and ((self.step + 1) % self.cfg.train.log_every == 0
-                                 or self.step == 0):
-            parts = self.loss_fn.contributions(terms, n_el)
-            shares = encoder_gradient_shares(parts, out["moments"])
-            terms.update({f"grad_share/{k}": v for k, v in shares.items()})
+        if shares:
+            parts = self.loss_fn.contributions(grad_terms, n_el)
+            found = encoder_gradient_shares(parts, grad_out["moments"])
+            terms.update({f"grad_share/{k}": v for k, v in found.items()})
 
     def _all_flags(self, nonfinite: bool) -> tuple[bool, bool]:
         """(any rank non-finite, any rank asked to stop): one small all-reduce."""

@@ -104,6 +104,21 @@ def test_two_machines_on_localhost(train_shards, tmp_path):
     assert summary["step"] == 4 and summary["samples_seen"] > 0
 
 
+def test_loss_balance_and_gradient_shares_under_zero2(train_shards, tmp_path):
+    """The L2 factor and the encoder-gradient shares need gradients at the encoder output;
+    under DeepSpeed they are taken without going through the engine's hooked outputs (which
+    ended in an IndexError inside ZeRO-2's backward epilogue)."""
+    out = str(tmp_path / "run")
+    cfg = os.path.join(ROOT, "accelerate_configs", "cpu_deepspeed_zero2.yaml")
+    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+        "train.steps=4", "loss.l2_share=0.5", "loss.l2_share_every=2", "train.grad_shares=true"]
+    check(launch(cfg, "train/main.py", args))
+    balance = [v for _, v in scalars(out, "train/l2_balance")]
+    assert len(balance) == 4 and balance[-1] != 1.0  # re-set at steps 1 and 3
+    shares = [v for _, v in scalars(out, "train/grad_share/reconstruction")]
+    assert len(shares) == 4 and all(0.0 < v < 1.0 for v in shares)
+
+
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
