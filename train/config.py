@@ -111,7 +111,8 @@ class LossConfig:
         "by one factor, re-set every l2_share_every steps, that makes the supervision this share "
         "of the gradient entering the encoder (norm of the L2 part / sum of the norms of the VAE "
         "and L2 parts, at the encoder output); l2_weights then only set the products' relative "
-        "weights. Not under ZeRO-3")
+        "weights. Under DeepSpeed the norms come from a second forward at the posterior mean; "
+        "not under ZeRO-3")
     l2_share_every: int = doc_field(10,
         "steps between re-settings of the L2 factor (loss.l2_share)")
     l2_min_valid_fraction: float = doc_field(0.5,
@@ -164,8 +165,8 @@ class TrainConfig:
     progress: bool = doc_field(True, "progress bar on the main process")
     grad_shares: bool = doc_field(True,
         "at log steps, log each loss term's share of the gradient entering the encoder "
-        "(grad_share/<term>; one extra backward through decoder and head per term; not under "
-        "ZeRO-3)")
+        "(grad_share/<term>; one extra backward through decoder and head per term, under "
+        "DeepSpeed also one extra forward at the posterior mean; not under ZeRO-3)")
 
 
 @dataclass
