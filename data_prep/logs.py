@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-ROOT_LOGGERS = ("train", "data_prep", "bench")
+ROOT_LOGGERS = ("train", "data_prep", "bench", "__main__")  # __main__: a script run by path
 LEVEL_ENV = "TEMPO_VAE_LOG_LEVEL"
 _state = {"rank": 0}
 
@@ -85,7 +85,12 @@ def setup_logging(rank: int = 0, world: int = 1, verbose: bool = False,
 
 
 def get_logger(name: str) -> logging.Logger:
-    """``logging.getLogger(name)``; ``name`` is the module's ``__name__``."""
+    """The logger of module ``name`` (its ``__name__``). A module run with ``python -m``
+    is called ``__main__``; its logger takes the module's real name (``train.export``), so
+    that it sits under the loggers ``setup_logging`` configures."""
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None and spec.name else name
     return logging.getLogger(name)
 
 

@@ -84,12 +84,13 @@ def main(argv=None, make_trainer=None) -> int:
 
 
 def exit_process(code: int) -> None:
-    """Exit with ``code``. A failing rank of a multi-process run skips the interpreter's
-    teardown (``os._exit`` after flushing): with the process group still up, a background
-    thread destroyed during teardown can abort the process (``terminate called without an
-    active exception``, SIGABRT), and the launcher then reports the signal instead of the
-    exit code that says what went wrong (seen with a NaN loss on one rank under ZeRO-2)."""
-    if code != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """Exit with ``code``. A rank of a multi-process run skips the interpreter's teardown
+    (``os._exit`` after flushing; everything the run writes is closed by then): with the
+    process group still up, a background thread destroyed during teardown can abort the
+    process (``terminate called without an active exception``, SIGABRT), and the launcher
+    then reports the signal instead of the exit code (seen under ZeRO-2 on CPU, after a NaN
+    loss on one rank and after a run that finished)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import logging
 
         logging.shutdown()

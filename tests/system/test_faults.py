@@ -14,6 +14,13 @@ import time
 import pytest
 from helpers.common import ACCELERATE, DEMO, ROOT, check, env, launch, scalars, tiny_overrides
 
+
+def fault_overrides(shards: str, out: str) -> list[str]:
+    """The tiny model without the encoder-gradient shares: faults are injected at the n-th
+    call of the loss or of the model's forward, and under DeepSpeed the shares add one of
+    each at every log step."""
+    return tiny_overrides(shards, out) + ["train.grad_shares=false"]
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ZERO2 = os.path.join(ROOT, "accelerate_configs", "cpu_deepspeed_zero2.yaml")
 
@@ -27,7 +34,7 @@ def test_resume_mid_epoch_gives_identical_losses(train_shards, tmp_path, mode):
     """N steps straight == N/2 steps, stop, resume to N: bitwise equal per-step losses
     (2 processes, ZeRO-2, bf16 on CPU). 7 steps of batch 4 on 2 ranks, stopped after 4: the
     stop falls mid-epoch (an epoch here is 3 batches per rank)."""
-    common = ["--config", DEMO] + [o for o in tiny_overrides(train_shards, "")
+    common = ["--config", DEMO] + [o for o in fault_overrides(train_shards, "")
                                    if not o.startswith("train.output_dir")]
     # constant lr: the "interrupted" run is made by asking for fewer steps, and a cosine
     # schedule depends on train.steps (a real preemption keeps train.steps)
@@ -61,7 +68,7 @@ def _wait_for(pred, timeout, what):
 
 def _start_endless_run(train_shards, out, launcher):
     """A 2-rank ZeRO-2 run that would train for ever; returns once it is training."""
-    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+    args = ["--config", DEMO] + fault_overrides(train_shards, out) + [
         "train.steps=100000", "train.ckpt_every=0"]
     cmd = launcher + ["--config_file", ZERO2, "train/main.py", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
@@ -141,7 +148,7 @@ def test_signal_to_the_launcher_leaves_a_complete_checkpoint(train_shards, tmp_p
 
 def test_signal_while_the_ranks_start_still_saves_and_exits_zero(train_shards, tmp_path):
     out = str(tmp_path / "run")
-    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+    args = ["--config", DEMO] + fault_overrides(train_shards, out) + [
         "train.steps=100000", "train.ckpt_every=0"]
     proc = subprocess.Popen(LAUNCHERS["train.launch"] + ["--config_file", ZERO2,
                                                          "train/main.py", *args],
@@ -162,7 +169,7 @@ def test_signal_while_the_ranks_start_still_saves_and_exits_zero(train_shards, t
 def test_sigkill_during_checkpoint_keeps_the_previous_one(train_shards, tmp_path):
     out = str(tmp_path / "run")
     ck = os.path.join(out, "checkpoints")
-    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+    args = ["--config", DEMO] + fault_overrides(train_shards, out) + [
         "train.steps=100000", "train.ckpt_every=1", "train.keep_last=2"]
     cmd = [ACCELERATE, "launch", "--config_file", ZERO2, "train/main.py", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
@@ -200,7 +207,7 @@ def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
     key = next(samples.iter_tar(os.path.join(root, rel)))["__key__"]
     corrupt_member(root, rel, key, "json", None)  # a sample with a missing member
     out = str(tmp_path / "run")
-    args = ["--config", DEMO] + tiny_overrides(root, out) + ["train.steps=3"]  # one epoch
+    args = ["--config", DEMO] + fault_overrides(root, out) + ["train.steps=3"]  # one epoch
     p = launch(ZERO2, "train/main.py", args)
     assert p.returncode != 0
     assert f"sample '{key}': missing members ['json']" in p.stderr
@@ -218,7 +225,7 @@ def test_corrupt_sample_stops_or_is_skipped_and_counted(train_shards, tmp_path):
 
 def test_bad_configuration_fails_before_training_with_exit_2(train_shards, tmp_path):
     out = str(tmp_path / "run")
-    base = ["--config", DEMO] + tiny_overrides(train_shards, out) + ["train.steps=2"]
+    base = ["--config", DEMO] + fault_overrides(train_shards, out) + ["train.steps=2"]
     # through train.launch the rank's exit code 2 reaches the shell (accelerate launch: 1)
     p = launch(ZERO2, "train/main.py", base + ["data.shards=/no/such/dir"],
                launcher=LAUNCHERS["train.launch"])
@@ -258,7 +265,7 @@ FAULTY = "tests/helpers/faulty_main.py"
 def test_nonfinite_step_stops_naming_it_or_is_skipped_and_counted(train_shards, tmp_path,
                                                                   fault, mode):
     out = str(tmp_path / "run")
-    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+    args = ["--config", DEMO] + fault_overrides(train_shards, out) + [
         "train.steps=5", "train.ckpt_every=0", f"train.on_nonfinite={mode}"]
     p = launch(ZERO2, FAULTY, args, launcher=LAUNCHERS["train.launch"], TEMPO_VAE_FAULT=fault)
     what = "loss" if fault.startswith("nan_loss") else "gradient norm (inf)"
@@ -285,7 +292,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(train_shards, tmp_path
     (ENOSPC from the write itself); the job stops from that rank."""
     out = str(tmp_path / "run")
     ck = os.path.join(out, "checkpoints")
-    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+    args = ["--config", DEMO] + fault_overrides(train_shards, out) + [
         "train.steps=6", "train.ckpt_every=2"]
     t0 = time.time()
     p = launch(ZERO2, FAULTY, args, launcher=LAUNCHERS["train.launch"], TEMPO_VAE_FAULT=fault)
@@ -309,7 +316,7 @@ def test_a_rank_that_hangs_fails_the_job_in_bounded_time(train_shards, tmp_path)
     """Rank 1 never finishes micro-step 4: rank 0 gives up after train.collective_timeout_s
     and says why, the launcher stops rank 1, and the step-2 checkpoint is there to resume."""
     out = str(tmp_path / "run")
-    args = ["--config", DEMO] + tiny_overrides(train_shards, out) + [
+    args = ["--config", DEMO] + fault_overrides(train_shards, out) + [
         "train.steps=6", "train.ckpt_every=2", "train.collective_timeout_s=10"]
     t0 = time.time()
     p = launch(ZERO2, FAULTY, args, launcher=LAUNCHERS["train.launch"], timeout=400,
@@ -332,7 +339,7 @@ def test_schedule_counts_and_a_stop_inside_an_accumulation_window(train_shards, 
     from train.data import build_loader
     from train.optim import lr_lambda
 
-    common = ["--config", DEMO] + [o for o in tiny_overrides(train_shards, "")
+    common = ["--config", DEMO] + [o for o in fault_overrides(train_shards, "")
                                    if not o.startswith("train.output_dir")]
     common += ["optim.grad_accum=2", "optim.schedule=cosine", "optim.warmup_steps=4",
                "optim.lr=1e-3", "train.steps=8", "train.ckpt_every=0"]

@@ -44,3 +44,19 @@ def test_level_from_environment(monkeypatch, capsys):
     monkeypatch.setenv("TEMPO_VAE_LOG_LEVEL", "loud")
     with pytest.raises(ValueError, match="TEMPO_VAE_LOG_LEVEL='LOUD'"):
         setup_logging()
+
+
+def test_a_module_run_with_dash_m_logs_under_its_own_name(tmp_path):
+    """`python -m data_prep.synthesize` names itself __main__; its INFO lines still show,
+    under the module's real name."""
+    import subprocess
+    import sys
+
+    from helpers.common import ROOT
+
+    p = subprocess.run([sys.executable, "-m", "data_prep.synthesize", str(tmp_path / "g"),
+                        "--granules", "1", "--mirror-steps", "4", "--xtrack", "4",
+                        "--channels", "8"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "INFO data_prep.synthesize: wrote 1 granules" in p.stderr
