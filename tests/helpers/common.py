@@ -80,3 +80,23 @@ def scalars(run_dir, tag):
 def check(proc):
     """Assert a finished process exited 0, showing the end of its output otherwise."""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def resumed_epoch(data_cfg, epoch: int, consumed: int, rank: int = 1, world: int = 2):
+    """Train-split batches of one rank in ``epoch``: (all of them from an uninterrupted
+    loader, the saved state of a loader stopped after ``consumed`` batches, and what a new
+    loader restored from that state yields)."""
+    from train.data import build_loader
+
+    full = build_loader(data_cfg, "train", rank, world)
+    full.set_epoch(epoch)
+    ref = list(full)
+    part = build_loader(data_cfg, "train", rank, world)
+    part.set_epoch(epoch)
+    it = iter(part)
+    for _ in range(consumed):
+        next(it)
+    state = part.state_dict()
+    resumed = build_loader(data_cfg, "train", rank, world)
+    resumed.load_state_dict(state)
+    return ref, state, list(resumed)

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers.common import TILE
+from helpers.common import TILE, resumed_epoch
 
 from data_prep import make_shards, samples
 from train.config import DataConfig
@@ -128,18 +128,7 @@ def test_http_epoch_equals_local_folder(shards, server, world):
 
 def test_http_validation_split_and_resume(shards, server):
     same(batches(cfg(shards), 2, "val"), batches(cfg(server), 2, "val"))
-    c = cfg(server)
-    full = build_loader(c, "train", 1, 2)
-    full.set_epoch(2)
-    ref = list(full)
-    part = build_loader(c, "train", 1, 2)
-    part.set_epoch(2)
-    it = iter(part)
-    for _ in range(2):
-        next(it)
-    resumed = build_loader(c, "train", 1, 2)
-    resumed.load_state_dict(part.state_dict())
-    rest = list(resumed)
+    ref, _, rest = resumed_epoch(cfg(server), epoch=2, consumed=2)
     assert [b["keys"] for b in rest] == [b["keys"] for b in ref[2:]]
     assert all(torch.equal(x["l1"], y["l1"]) for x, y in zip(rest, ref[2:]))
 

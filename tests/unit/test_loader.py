@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers.common import TILE
+from helpers.common import TILE, resumed_epoch
 from helpers.damage import corrupt_member, private_copy, truncate_half
 
 from data_prep import make_shards, samples
@@ -122,20 +122,8 @@ def test_validation_each_sample_once_over_ranks(many_shards):
 
 
 def test_resume_mid_epoch_gives_the_same_batches(many_shards):
-    c = cfg(many_shards)
-    full = build_loader(c, "train", 1, 2)
-    full.set_epoch(3)
-    ref = list(full)
-    part = build_loader(c, "train", 1, 2)
-    part.set_epoch(3)
-    it = iter(part)
-    for _ in range(3):
-        next(it)
-    state = part.state_dict()
+    ref, state, rest = resumed_epoch(cfg(many_shards), epoch=3, consumed=3)
     assert state == {"epoch": 3, "batches_consumed": 3, "segments": [], "errors": {}}
-    resumed = build_loader(c, "train", 1, 2)
-    resumed.load_state_dict(state)
-    rest = list(resumed)
     assert [b["keys"] for b in rest] == [b["keys"] for b in ref[3:]]
     assert all(torch.equal(x["l1"], y["l1"]) for x, y in zip(rest, ref[3:]))
 

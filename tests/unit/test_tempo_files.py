@@ -118,17 +118,24 @@ def _highpass(x, wl, width_nm=3.0):
     return lx - np.convolve(np.pad(lx, n // 2, mode="edge"), np.ones(n) / n, "valid")
 
 
-@pytest.mark.reference
-@pytest.mark.parametrize("use_files", [True, False])
-def test_synthetic_radiance_resembles_real_tropomi(tmp_path, use_files):
-    """Synthetic UV radiance on the TROPOMI band-3 grid: same order of magnitude, and with
-    real spectroscopy, the same fine structure (high-pass correlation)."""
+def synthetic_granule_and_tropomi(tmp_path, use_files: bool):
+    """A small synthetic RAD granule read back (real cross-sections and solar spectrum when
+    ``use_files``, else the built-in shapes) and the path of the TROPOMI reference file;
+    skips without the reference data."""
     ref = reference_file("tropomi_band3_reference_radiance_20230608.nc")
     args = [str(tmp_path), "--granules", "1", "--mirror-steps", "8", "--xtrack", "16"]
     if use_files:
         args += ["--xsec-dir", os.path.dirname(ref)]
     assert synthesize.main(args) == 0
-    g = tempo.read_l1(glob.glob(str(tmp_path / "TEMPO_RAD_*.nc"))[0])
+    return tempo.read_l1(glob.glob(str(tmp_path / "TEMPO_RAD_*.nc"))[0]), ref
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("use_files", [True, False])
+def test_synthetic_radiance_resembles_real_tropomi(tmp_path, use_files):
+    """Synthetic UV radiance on the TROPOMI band-3 grid: same order of magnitude, and with
+    real spectroscopy, the same fine structure (high-pass correlation)."""
+    g, ref = synthetic_granule_and_tropomi(tmp_path, use_files)
     spec = np.nanmean(g.radiance.reshape(-1, g.radiance.shape[-1]), axis=0)
     with netCDF4.Dataset(ref) as d:
         d.set_auto_mask(False)
@@ -156,12 +163,7 @@ def test_synthetic_radiance_per_band_within_2x_of_tropomi(tmp_path, use_files):
     the TROPOMI reference row at nadir, for synthetic pixels of similar geometry (viewing
     zenith < 30 deg, SZA < 50 deg). Below 314 nm the light comes from scattering above
     and inside the ozone layer; a model without it is ~30x too dark there."""
-    ref = reference_file("tropomi_band3_reference_radiance_20230608.nc")
-    args = [str(tmp_path), "--granules", "1", "--mirror-steps", "8", "--xtrack", "16"]
-    if use_files:
-        args += ["--xsec-dir", os.path.dirname(ref)]
-    assert synthesize.main(args) == 0
-    g = tempo.read_l1(glob.glob(str(tmp_path / "TEMPO_RAD_*.nc"))[0])
+    g, ref = synthetic_granule_and_tropomi(tmp_path, use_files)
     sel = (g.vza < 30) & (g.sza < 50)
     assert sel.sum() >= 20
     syn = np.nanmean((g.radiance / np.cos(np.radians(g.sza))[..., None])[sel], axis=0)
