@@ -18,14 +18,20 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file here: 0o666 less the umask
+    (temporary files are created 0o600, which others on a shared cluster cannot read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -43,7 +49,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     default worth showing (not None, False, '' or an empty list)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, "", []) or "%(default)" in (action.help or ""):
+        d = action.default  # identity for None/False: 0 == False, and 0 is worth showing
+        if d is None or d is False or (isinstance(d, str | list) and not d) \
+                or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -1,6 +1,6 @@
 """Evaluate an exported model on shards: head metrics, the probe protocol, baselines.
 
-    python -m train.evaluate export/demo data/demo/shards --truth data/demo/granules/truth
+    python -m train.evaluate runs/demo/model data/demo/shards --truth data/demo/granules/truth
 
 Everything is computed on the shards' validation split (models, probes and baselines are
 fit on the training split only), per product (NO2, O3TOT, HCHO, CLDO4), in physical units

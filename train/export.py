@@ -1,7 +1,7 @@
 """Export a training checkpoint as a self-contained model folder, and load one back.
 
-    python -m train.export runs/demo export/demo            # the run's latest checkpoint
-    python -m train.export runs/demo/checkpoints/step_00000300 export/demo
+    python -m train.export runs/demo runs/demo/model            # the run's latest checkpoint
+    python -m train.export runs/demo/checkpoints/step_00000300 runs/demo/model
 
 The folder (written under a temporary name, renamed when complete):
 
@@ -152,9 +152,10 @@ def model_card(info: dict, cfg) -> str:
                      f"{_fmt(val.get(f'l2/{p}_r2', float('nan')))} | {units[p]} |")
     lines += ["", f"Reconstruction MAE (normalised units): "
                   f"{_fmt(val.get('recon_mae', float('nan')))}", "",
-              "## Use", "",
+              "## Use", "", "In Python:", "",
               "    from train.model import load_pretrained",
-              "    model = load_pretrained('THIS_FOLDER')   # eval mode, fp32, CPU",
+              "    model = load_pretrained('THIS_FOLDER')   # eval mode, fp32, CPU", "",
+              "L2 maps for RAD granules, from the shell:", "",
               "    python -m train.predict THIS_FOLDER RAD_FILES... OUT_DIR", ""]
     return "\n".join(lines)
 
@@ -166,7 +167,7 @@ def export(source: str, out_dir: str, shards: str | None = None, overwrite: bool
     not fit the config; an existing ``out_dir`` without ``overwrite``)."""
     from safetensors.torch import save_file
 
-    from data_prep.util import atomic_write_json, read_json
+    from data_prep.util import atomic_write_json, default_file_mode, read_json
     from train.config import ConfigError, dump, load_config
     from train.model import build_model, count_parameters
     from train.transforms import L2Transform
@@ -220,6 +221,7 @@ def export(source: str, out_dir: str, shards: str | None = None, overwrite: bool
         weights = os.path.join(tmp, WEIGHTS)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights,
                   metadata={"format": FORMAT, "step": str(state_json["step"])})
+        os.chmod(weights, default_file_mode())  # readable like the other files
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(dump(cfg))
         atomic_write_json(os.path.join(tmp, "stats.json"), stats)

@@ -1,7 +1,7 @@
 """L2 maps and latent means for TEMPO granules from an exported model.
 
-    python -m train.predict export/demo data/new_granules/ predictions/
-    python -m train.predict export/demo TEMPO_RAD_L1_V03_..._S012G03.nc ... predictions/
+    python -m train.predict runs/demo/model data/new_granules/ runs/demo/predictions/
+    python -m train.predict runs/demo/model TEMPO_RAD_L1_V03_..._S012G03.nc ... runs/demo/predictions/
 
 INPUT is any mix of RAD L1 files and folders (searched recursively); L2 files of the same
 granule (NO2, O3TOT, HCHO, CLDO4), when present, are read too and shown beside the

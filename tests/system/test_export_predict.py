@@ -355,3 +355,13 @@ def test_zero3_checkpoint_exports_and_matches_the_live_model(train_shards, tmp_p
         bf = model.to(torch.bfloat16)(live["x"].to(torch.bfloat16), sample=False)
     torch.testing.assert_close(bf["recon"].float(), live["recon"], rtol=0.02, atol=0.02)
     torch.testing.assert_close(bf["l2_pred"].float(), live["l2_pred"], rtol=0.02, atol=0.02)
+
+
+def test_model_folder_files_are_readable_like_any_new_file(model_dir):
+    """The weights (written through a temporary file) get the same mode as the other files,
+    so a model folder on a shared file system is readable by others as usual."""
+    from data_prep.util import default_file_mode
+
+    modes = {f: os.stat(os.path.join(model_dir, f)).st_mode & 0o777
+             for f in os.listdir(model_dir)}
+    assert set(modes.values()) == {default_file_mode()}, modes

@@ -66,7 +66,8 @@ def test_help_documents_every_argument_and_default_once(name, monkeypatch, capsy
         text = fmt._expand_help(action) if action.help else ""
         assert text.strip(), f"{name}: {label} has no help text"
         default = action.default
-        if not action.option_strings or default in (None, False, "", [], argparse.SUPPRESS) \
+        if not action.option_strings or default is None or default is False \
+                or default in ("", [], argparse.SUPPRESS) \
                 or isinstance(action, argparse._StoreTrueAction):
             continue
         shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
