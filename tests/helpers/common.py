@@ -100,3 +100,15 @@ def resumed_epoch(data_cfg, epoch: int, consumed: int, rank: int = 1, world: int
     resumed = build_loader(data_cfg, "train", rank, world)
     resumed.load_state_dict(state)
     return ref, state, list(resumed)
+
+
+def epoch_batches(data_cfg, world: int = 1, split: str = "train", epoch: int = 0):
+    """[(len(loader), its batches)] of every rank of ``world`` for one epoch of ``split``."""
+    from train.data import build_loader
+
+    out = []
+    for rank in range(world):
+        loader = build_loader(data_cfg, split, rank, world)
+        loader.set_epoch(epoch)
+        out.append((len(loader), list(loader)))
+    return out

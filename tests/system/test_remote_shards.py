@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers.common import TILE, resumed_epoch
+from helpers.common import TILE, epoch_batches, resumed_epoch
 
 from data_prep import make_shards, samples
 from train.config import DataConfig
@@ -79,13 +79,9 @@ def cfg(root, **kw):
     return DataConfig(**(base | kw))
 
 
-def batches(c, world=1, split="train", epoch=1):
-    out = []
-    for rank in range(world):
-        loader = build_loader(c, split, rank, world)
-        loader.set_epoch(epoch)
-        out.append((len(loader), list(loader)))
-    return out
+def batches(c, world=1, split="train"):
+    """Epoch 1 of every rank (see helpers.common.epoch_batches)."""
+    return epoch_batches(c, world, split, epoch=1)
 
 
 def same(a, b):

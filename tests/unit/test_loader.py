@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers.common import TILE, resumed_epoch
+from helpers.common import TILE, epoch_batches, resumed_epoch
 from helpers.damage import corrupt_member, private_copy, truncate_half
 
 from data_prep import make_shards, samples
@@ -38,15 +38,6 @@ def train_keys(root, split="train"):
     sizes = json.load(open(os.path.join(root, "sizes.json")))
     return sorted(raw["__key__"] for rel in sizes if rel.startswith(split)
                   for raw in iter_tar(os.path.join(root, rel)))
-
-
-def epoch_batches(c, world, epoch=0, split="train"):
-    out = []
-    for rank in range(world):
-        loader = build_loader(c, split, rank, world)
-        loader.set_epoch(epoch)
-        out.append((len(loader), list(loader)))
-    return out
 
 
 def real_keys(batches):
