@@ -6,7 +6,7 @@ tensors [N, H, W] for NO2, O3TOT, HCHO, CLDO4 (NaN = invalid), stored with the r
 code's scaling (NO2 / 1e15, HCHO / 1e16 by default; change with ``--l2-scale``).
 
 Outputs: the same layout as ``make_shards`` (train/, val/, sizes.json, stats.json,
-manifest.json); files are split 70/30 with seed 42 by file, as the research code did.
+header.json, manifest.json); files are split 70/30 with seed 42 by file, as the research code did.
 Geolocation is not in the research format, so ``geo.npy`` is all NaN. Sample keys are
 ``<name>_t<index>`` with every character outside ``[A-Za-z0-9_-]`` of the file name (dots
 above all, as in ``granule_2024.06.01_S012G01.pt``) replaced by '_'; the metadata keeps the
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("input_dir", help="research tile folder: *.pt radiance files [N, H, W, C] "
                                      "and l2_<PRODUCT>/<same name>.pt [N, H, W]")
     p.add_argument("out_dir", help="shard folder to create (train/, val/, sizes.json, "
-                                   "stats.json, manifest.json)")
+                                   "stats.json, header.json, manifest.json)")
     p.add_argument("--val-fraction", type=float, default=0.3,
                    help="fraction of .pt files (granules) put in the validation split")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/val split")

@@ -10,6 +10,8 @@ searched recursively. Outputs in OUT_DIR:
     manifest.json            every candidate tile: written, or dropped with its reason;
                              every input file used or ignored; the QA rules and what
                              each removed (per product, per bit or value, per granule)
+    header.json              the part of the manifest the loader reads at start (format,
+                             orders, units, tile size, shard byte sizes)
     plan.json                inputs and options of this run (a re-run must match it)
     units.json               the train/val split and the work units (granules of each)
 
@@ -24,8 +26,8 @@ completes without duplicates or lost tiles.
 On many nodes the same work runs as three steps with the same inputs and options: one
 ``--step plan`` (split, statistics, units), N independent ``--step run --task-index I
 --num-tasks N`` (task I runs units I, I+N, I+2N, ...; a SLURM job array:
-``scripts/make_shards_array.sbatch``), one ``--step merge`` (sizes.json, manifest.json,
-checks). The result is byte for byte that of one process.
+``scripts/make_shards_array.sbatch``), one ``--step merge`` (sizes.json, header.json,
+manifest.json, checks). The result is byte for byte that of one process.
 """
 
 from __future__ import annotations
@@ -294,7 +296,8 @@ def _check_out_dir(out_dir: str, plan: dict, overwrite: bool) -> None:
                              "even with --overwrite")
     for name in SPLITS + (".done", ".tmp"):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    for name in ("sizes.json", "manifest.json", "stats.json", "plan.json", "units.json"):
+    for name in ("sizes.json", "header.json", "manifest.json", "stats.json", "plan.json",
+                 "units.json"):
         if os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))
 
@@ -475,7 +478,8 @@ def step_run(args, granules, read_opts, tile, task_index: int, num_tasks: int) -
 
 def verify(out_dir: str, manifest: dict) -> list[str]:
     """Cheap checks of a merged folder (no shard is opened): every shard of sizes.json is
-    there with the byte size its unit recorded, and the counts tie out."""
+    there with the byte size its unit recorded, header.json agrees with the manifest, and
+    the counts tie out."""
     problems = []
     sizes = read_json(os.path.join(out_dir, "sizes.json"))
     for rel, nbytes in manifest["shard_bytes"].items():
@@ -486,6 +490,8 @@ def verify(out_dir: str, manifest: dict) -> list[str]:
             problems.append(f"{rel}: {os.path.getsize(path)} bytes, its unit wrote {nbytes}")
     if set(sizes) != set(manifest["shard_bytes"]):
         problems.append("sizes.json and manifest.json list different shards")
+    if read_json(os.path.join(out_dir, shard_format.HEADER)) != shard_format.header(manifest):
+        problems.append("header.json differs from the header of manifest.json")
     c = manifest["counts"]
     if sum(sizes.values()) != c["written"]:
         problems.append(f"sizes.json counts {sum(sizes.values())} samples, the manifest "

@@ -8,11 +8,19 @@ members are in ``data_prep.samples``.
       sizes.json               {"train/<name>.tar": samples, ...}, every shard of both splits
       stats.json               normalisation statistics (data_prep.stats.DatasetStats.to_json):
                                l1 mean/std per channel of log(max(I, 1)), l2 per product
+      header.json              the small part of the manifest the loader reads at start
+                               (``header``): the keys of ``manifest_header`` and
+                               ``shard_bytes`` {shard: bytes}; about 50 bytes per shard
       manifest.json            the keys of ``manifest_header`` (format, source, orders, units,
                                tile_size) and, from every writer: ``counts`` (written,
                                per_split, granules, granule_errors, ...), ``granule_errors``
                                {granule: message}, ``shard_bytes`` {shard: bytes},
-                               ``splits`` {split: [granules]}, ``tiles`` [per-tile records]
+                               ``splits`` {split: [granules]}, ``tiles`` [per-tile records];
+                               at a month of TEMPO (~3,600 granules) tens of MB, so readers
+                               that only need the header read ``header.json``
+
+Folders written before ``header.json`` existed have only ``manifest.json``; readers then
+take the header from it (``header`` of the whole manifest), at the cost of reading it all.
 
 A granule is the unit of the train/val split: a TEMPO granule for ``make_shards``, one
 ``.pt`` file of the research code (one granule's tiles) for ``convert_pt_tiles``.
@@ -25,7 +33,7 @@ import os
 from data_prep.util import atomic_write_json
 
 FORMAT = "tempo-vae-shards/1"
-SIZES, STATS, MANIFEST = "sizes.json", "stats.json", "manifest.json"
+SIZES, STATS, MANIFEST, HEADER = "sizes.json", "stats.json", "manifest.json", "header.json"
 SPLITS = ("train", "val")
 
 # channel order of every l2 array, and their physical units (DESIGN.md sections 1-2: NO2
@@ -50,11 +58,25 @@ def manifest_header(source: str, tile_size: int) -> dict:
             "l2_units": dict(L2_UNITS), "geo_order": list(GEO_ORDER), "tile_size": tile_size}
 
 
+def header(manifest: dict) -> dict:
+    """The part of ``manifest`` the loader needs at start, written as ``header.json``: the
+    keys of ``manifest_header`` that it has, ``shard_bytes`` (checked against local shards)
+    and, for manifests without ``tile_size``, the plan's ``options.tile`` (``tile_size``
+    reads either)."""
+    out = {k: manifest[k] for k in manifest_header("", 0) if k in manifest}
+    if "tile_size" not in out and "tile" in manifest.get("options", {}):
+        out["options"] = {"tile": manifest["options"]["tile"]}
+    if "shard_bytes" in manifest:
+        out["shard_bytes"] = manifest["shard_bytes"]
+    return out
+
+
 def write_metadata(out_dir: str, sizes: dict[str, int], stats: dict | None,
                    manifest: dict) -> None:
-    """Write ``stats.json`` (unless ``stats`` is None: written earlier), ``sizes.json``
-    (sorted) and ``manifest.json`` atomically, in that order: ``sizes.json``, which readers
-    look for first, never names shards whose statistics are missing. Adds ``shard_bytes`` (the byte size of every listed shard, which
+    """Write ``stats.json`` (unless ``stats`` is None: written earlier), ``header.json``,
+    ``sizes.json`` (sorted) and ``manifest.json`` atomically, in that order:
+    ``sizes.json``, which readers look for first, never names shards whose statistics or
+    header are missing. Adds ``shard_bytes`` (the byte size of every listed shard, which
     the loader checks at start) when the writer has not. Raises ShardFormatError when the
     manifest lacks a header key or a listed shard is missing."""
     missing = [k for k in manifest_header("", 0) if k not in manifest]
@@ -70,13 +92,14 @@ def write_metadata(out_dir: str, sizes: dict[str, int], stats: dict | None,
                 from None
     if stats is not None:
         atomic_write_json(os.path.join(out_dir, STATS), stats)
+    atomic_write_json(os.path.join(out_dir, HEADER), header(manifest))
     atomic_write_json(os.path.join(out_dir, SIZES), dict(sorted(sizes.items())))
     atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
 
 
 def check_manifest(manifest: dict, where: str) -> None:
-    """Raise ShardFormatError naming ``where`` and the key when the manifest's format or
-    array orders are not the ones this code reads. Manifests written before ``geo_order``
+    """Raise ShardFormatError naming ``where`` and the key when the manifest's (or
+    header's) format or array orders are not the ones this code reads. Manifests written before ``geo_order``
     was recorded are accepted (their order is GEO_ORDER)."""
     fmt = manifest.get("format", FORMAT)
     if fmt != FORMAT:

@@ -23,6 +23,7 @@ Batches are CPU tensors and are not passed through ``accelerator.prepare``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import samples, shard_format
+from data_prep.logs import get_logger
 from data_prep.util import read_json
 from train.runtime import STOP_SIGNALS
 from train.shard_source import RemoteShardReader, ShardSource, SourceError
@@ -43,6 +45,8 @@ SPLIT_IDS = {"train": 0, "val": 1}
 ERROR_REASONS = ("bad_array", "missing_members", "bad_json", "nonfinite_l1", "unreadable_shard",
                  "size_mismatch", "bad_sample")
 LAZY_MIN_BYTES = 1 << 20  # members this large stay on disk until read into their batch
+
+log = get_logger(__name__)
 
 
 class DataError(Exception):
@@ -60,7 +64,7 @@ class ShardSet:
     sizes: dict[str, int]  # path relative to root -> samples, this split only
     stats: dict
     source: ShardSource | None = None  # None: the local folder ``root``
-    manifest: dict = dataclasses.field(default_factory=dict)
+    header: dict = dataclasses.field(default_factory=dict)  # shard_format.header
 
     @classmethod
     def open(cls, root: str, split: str, strict: bool = True) -> ShardSet:
@@ -95,33 +99,31 @@ class ShardSet:
         if missing:
             raise DataError(f"{sizes_path} lists {len(missing)} {split} shards that do not "
                             f"exist, e.g. {missing[0]}; sizes.json disagrees with the shards")
-        man_path = os.path.join(root, shard_format.MANIFEST)
-        manifest = read_json(man_path) if os.path.exists(man_path) else {}
-        _check_manifest(manifest, man_path)
-        expected = manifest.get("shard_bytes", {})
+        header, head_path = _read_header(source)
+        expected = header.get("shard_bytes", {})
         wrong = {k: n for k, n in on_disk.items() if k in expected and n != expected[k]}
         if strict and wrong:
             k = sorted(wrong)[0]
             raise DataError(
-                f"{len(wrong)} {split} shard(s) in {root} differ in size from {man_path} "
-                f"(truncated or rewritten), e.g. {k}: {wrong[k]} bytes, the manifest says "
-                f"{expected[k]}; re-create them (data_prep.make_shards ... --overwrite) or set "
+                f"{len(wrong)} {split} shard(s) in {root} differ in size from {head_path} "
+                f"(truncated or rewritten), e.g. {k}: {wrong[k]} bytes, "
+                f"{os.path.basename(head_path)} says {expected[k]}; re-create them (data_prep.make_shards ... --overwrite) or set "
                 "data.on_error=skip to train without the samples they lose (counted)")
         return cls(root, split, dict(sorted(sizes.items())),
-                   read_json(os.path.join(root, shard_format.STATS)), source, manifest)
+                   read_json(os.path.join(root, shard_format.STATS)), source, header)
 
     @classmethod
     def _open_remote(cls, source: ShardSource, split: str) -> ShardSet:
         try:
-            sizes_json = source.read_json("sizes.json")
-            stats = source.read_json("stats.json")
-            manifest = source.read_json("manifest.json")
+            sizes_json = source.read_json(shard_format.SIZES)
+            stats = source.read_json(shard_format.STATS)
         except SourceError as e:
             raise DataError(f"{e}: {source.root} is not a reachable, finished shard folder "
-                            "(make_shards writes sizes.json, stats.json, manifest.json)") from None
-        sizes = _split_sizes(sizes_json, split, source, source.address("sizes.json"))
-        _check_manifest(manifest, source.address(shard_format.MANIFEST))
-        return cls(source.root, split, dict(sorted(sizes.items())), stats, source, manifest)
+                            "(make_shards writes sizes.json, stats.json, header.json, "
+                            "manifest.json)") from None
+        sizes = _split_sizes(sizes_json, split, source, source.address(shard_format.SIZES))
+        header, _ = _read_header(source)
+        return cls(source.root, split, dict(sorted(sizes.items())), stats, source, header)
 
     def raw_samples(self, name: str, retries: int = 3) -> Iterator[dict]:
         """Raw samples of one shard in file order (local: large members stay lazy)."""
@@ -140,8 +142,8 @@ class ShardSet:
 
     @property
     def tile_size(self) -> int | None:
-        """Tile height = width in pixels, or None when the manifest does not say."""
-        return shard_format.tile_size(self.manifest)
+        """Tile height = width in pixels, or None when the folder does not say."""
+        return shard_format.tile_size(self.header)
 
 
 def _split_sizes(sizes_json: dict, split: str, source: ShardSource, where: str) -> dict:
@@ -158,6 +160,45 @@ def _split_sizes(sizes_json: dict, split: str, source: ShardSource, where: str) 
     if not sizes:
         raise DataError(f"no {split} shards listed in {where}")
     return sizes
+
+
+_FALLBACK_NOTED: set[str] = set()
+
+
+def _read_header(source: ShardSource) -> tuple[dict, str]:
+    """The folder's header (``shard_format.HEADER``: format, orders, tile size, shard byte
+    sizes) and the address it came from, checked against this code's contract. A folder
+    written before header.json existed: the header of the whole manifest.json, with a
+    logged note (once per folder and process). A local folder with neither file: {} (not
+    checked). Raises DataError naming the file on a contract mismatch, or when a remote
+    folder has neither file."""
+    head, man = source.address(shard_format.HEADER), source.address(shard_format.MANIFEST)
+    if source.local and not os.path.exists(head):
+        if not os.path.exists(man):
+            return {}, head
+        err = f"{head} does not exist"
+    else:
+        try:
+            header = source.read_json(shard_format.HEADER)
+        except SourceError as e:
+            header, err = None, str(e)
+        if header is not None:
+            _check_manifest(header, head)
+            return header, head
+    try:
+        data = source.read_bytes(shard_format.MANIFEST)
+        manifest = json.loads(data)
+    except (OSError, ValueError, SourceError) as e:
+        raise DataError(f"{err}, and {man} cannot be read either ({e}): {source.root} is "
+                        "not a finished shard folder (make_shards and convert_pt_tiles write "
+                        "both)") from None
+    if source.root not in _FALLBACK_NOTED:
+        _FALLBACK_NOTED.add(source.root)
+        log.info(f"{err}; the shard folder predates it, so the header was taken from "
+                 f"{man} ({len(data) / 1e6:.1f} MB read; writing header.json, e.g. with "
+                 "python -m data_prep.inspect_shards --write-header, avoids that)")
+    _check_manifest(manifest, man)
+    return shard_format.header(manifest), man
 
 
 def _check_manifest(manifest: dict, where: str) -> None:
@@ -527,7 +568,7 @@ class ShardLoader:
 
     @property
     def shards(self) -> ShardSet:
-        """The shard set this loader reads (its statistics, manifest and sizes)."""
+        """The shard set this loader reads (its statistics, header and sizes)."""
         return self.dataset.shards
 
     @property

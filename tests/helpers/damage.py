@@ -27,8 +27,9 @@ def truncate_half(path):
 
 def corrupt_member(root, rel, key, ext, data):
     """Rewrite shard ``rel`` with member ``key.ext`` replaced by ``data`` (or removed), and
-    record its new size in the manifest, as if make_shards had written it so: the damage
-    is then for the reader to find (the start-up size check is tested separately)."""
+    record its new size in the manifest and header.json, as if make_shards had written it
+    so: the damage is then for the reader to find (the start-up size check is tested
+    separately)."""
     path = os.path.join(root, rel)
     with tarfile.open(path) as t:
         members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
@@ -40,7 +41,8 @@ def corrupt_member(root, rel, key, ext, data):
                 d = data
             m.size = len(d)
             t.addfile(m, io.BytesIO(d))
-    man_path = os.path.join(root, "manifest.json")
-    man = json.load(open(man_path))
-    man["shard_bytes"][rel] = os.path.getsize(path)
-    atomic_write_json(man_path, man)
+    for name in ("manifest.json", "header.json"):
+        man_path = os.path.join(root, name)
+        man = json.load(open(man_path))
+        man["shard_bytes"][rel] = os.path.getsize(path)
+        atomic_write_json(man_path, man)

@@ -227,12 +227,13 @@ def test_truncated_shard_stops_naming_it_or_is_skipped_and_counted(many_shards, 
     rel = train[0]
     truncate_half(os.path.join(root, rel))
     # found before reading: its size differs from the one make_shards recorded
-    with pytest.raises(DataError, match=f"1 train shard.*{rel}: .* bytes, the manifest says"):
+    with pytest.raises(DataError, match=f"1 train shard.*{rel}: .* bytes, header.json says"):
         build_loader(cfg(root, num_workers=0), "train")
-    # without the manifest's sizes, the reader still stops at the damage and names it
-    man = json.load(open(os.path.join(root, "manifest.json")))
-    del man["shard_bytes"]
-    atomic_write_json(os.path.join(root, "manifest.json"), man)
+    # without the recorded sizes, the reader still stops at the damage and names it
+    for name in ("manifest.json", "header.json"):
+        man = json.load(open(os.path.join(root, name)))
+        del man["shard_bytes"]
+        atomic_write_json(os.path.join(root, name), man)
     with pytest.raises(samples.ShardError, match=rel):
         list(build_loader(cfg(root, num_workers=0), "train"))
     loader = build_loader(cfg(root, num_workers=0, on_error="skip"), "train")

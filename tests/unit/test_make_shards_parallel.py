@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers.common import ROOT, TILE
 
-from data_prep import make_shards, samples, tempo
+from data_prep import make_shards, samples, shard_format, tempo
 from data_prep.granule import ReadOptions, read_granule
 from data_prep.stats import log_radiance
 
@@ -56,6 +56,12 @@ def test_tasks_by_index_then_merge_equal_one_process(synth_dir, one_process, tmp
         assert done == sorted(u["id"] for j, u in enumerate(units) if j % 3 >= i)
     assert make_shards.main([synth_dir, out, "--step", "merge"] + OPTS) == 0
     assert tree(out) == tree(one_process)
+    # the merge step writes the loader's header beside the manifest
+    head = json.load(open(os.path.join(out, shard_format.HEADER)))
+    man = json.load(open(os.path.join(out, shard_format.MANIFEST)))
+    assert head == shard_format.header(man) and set(head) >= {"format", "tile_size",
+                                                              "shard_bytes"}
+    assert "tiles" not in head and "granules" not in head
 
 
 def test_steps_must_share_inputs_and_options(synth_dir, tmp_path, capsys):

@@ -44,6 +44,11 @@ def test_both_writers_write_the_same_contract(shard_dir, converted):
         assert set(man["counts"]) >= {"written", "per_split", "granules", "granule_errors"}
         assert man["counts"]["granule_errors"] == len(man["granule_errors"])
         assert man["counts"]["written"] == sum(sizes.values())
+        # the loader's part of it, alone in header.json
+        head = read_json(os.path.join(folder, shard_format.HEADER))
+        assert head == shard_format.header(man)
+        assert set(head) == set(shard_format.manifest_header("", 0)) | {"shard_bytes"}
+        assert head["shard_bytes"] == man["shard_bytes"] and head["tile_size"] == tile
     errors = read_json(os.path.join(converted, shard_format.MANIFEST))["granule_errors"]
     assert list(errors) == ["granule9"]
 
@@ -62,17 +67,44 @@ def test_write_metadata_refuses_a_manifest_without_the_header(tmp_path):
     ("geo_order", ["longitude", "latitude", "sza", "vza"], "geo_order"),
     ("l2_order", ["O3TOT", "NO2", "HCHO", "CLDO4"], "l2_order"),
 ])
-def test_loader_refuses_a_folder_of_another_contract(shard_dir, tmp_path, key, value, message):
+@pytest.mark.parametrize("old_folder", [False, True])
+def test_loader_refuses_a_folder_of_another_contract(shard_dir, tmp_path, key, value, message,
+                                                     old_folder):
+    """The loader checks header.json; in a folder written before it existed, manifest.json."""
     from train.data import DataError, ShardSet
 
     copy = str(tmp_path / "shards")
     shutil.copytree(shard_dir, copy)
-    path = os.path.join(copy, shard_format.MANIFEST)
+    if old_folder:
+        os.unlink(os.path.join(copy, shard_format.HEADER))
+    path = os.path.join(copy, shard_format.MANIFEST if old_folder else shard_format.HEADER)
     man = read_json(path)
     man[key] = value
     with open(path, "w") as f:
         json.dump(man, f)
     with pytest.raises(DataError, match=f"{path}: {message}"):
+        ShardSet.open(copy, "train")
+
+
+def test_folder_without_header_falls_back_to_the_manifest(shard_dir, tmp_path, caplog):
+    """Folders written before header.json existed: the same header, taken from the whole
+    manifest with a logged note; the start-up size check still holds."""
+    from train.data import DataError, ShardSet
+
+    copy = str(tmp_path / "shards")
+    shutil.copytree(shard_dir, copy)
+    new = ShardSet.open(copy, "train")
+    assert "header.json" not in caplog.text
+    os.unlink(os.path.join(copy, shard_format.HEADER))
+    with caplog.at_level("INFO", logger="train.data"):
+        old = ShardSet.open(copy, "train")
+    assert old.header == new.header and old.tile_size == 16
+    assert f"{os.path.join(copy, shard_format.HEADER)} does not exist" in caplog.text
+    assert "manifest.json" in caplog.text and "MB read" in caplog.text
+    rel = sorted(new.sizes)[0]
+    with open(os.path.join(copy, rel), "ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(DataError, match=f"{rel}: .* bytes, manifest.json says"):
         ShardSet.open(copy, "train")
 
 
