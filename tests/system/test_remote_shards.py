@@ -5,17 +5,16 @@ stopped naming the shard."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
-import socket
-import threading
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from helpers.common import TILE, epoch_batches, resumed_epoch
+from helpers.damage import truncate_half
+from helpers.http_server import make_handler, reset, serve
 
 from data_prep import make_shards, samples
 from train.config import DataConfig
@@ -30,48 +29,18 @@ def shards(synth_dir, tmp_path_factory):
     return out
 
 
-class Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves the shard folder; ``drops[path] = n`` cuts the next n responses for that path
-    after half of its bytes (Content-Length promises all of them)."""
-
-    drops: dict[str, int] = {}
-    requests: dict[str, int] = {}
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_GET(self):
-        type(self).requests[self.path] = type(self).requests.get(self.path, 0) + 1
-        if type(self).drops.get(self.path, 0) > 0:
-            type(self).drops[self.path] -= 1
-            with open(self.translate_path(self.path), "rb") as f:
-                data = f.read()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        super().do_GET()
+Handler = make_handler()  # drops, requests and bytes sent per path (helpers.http_server)
 
 
 @pytest.fixture(scope="module")
 def server(shards):
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=shards))
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(shards, Handler) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
 def _reset_handler():
-    Handler.drops.clear()
-    Handler.requests.clear()
+    reset(Handler)
 
 
 def cfg(root, **kw):
@@ -260,3 +229,81 @@ def test_two_rank_training_over_http_equals_local(shards, server, tmp_path):
     assert sorted(losses[0]) == list(range(1, 6))
     assert losses[0] == losses[1]
     assert Handler.requests[f"/{shard_names(shards)[2]}"] >= 2  # the cut stream was retried
+
+
+def test_start_reads_the_header_not_the_manifest(shards, server, tmp_path, caplog):
+    """A rank's loaders read sizes.json, stats.json and the small header.json; a folder
+    written before header.json existed still loads, from the whole manifest, with a note."""
+    for split in ("train", "val"):
+        build_loader(cfg(server), split)
+    assert Handler.requests.get("/header.json") == 2
+    assert "/manifest.json" not in Handler.requests
+    old = str(tmp_path / "old")
+    shutil.copytree(shards, old)
+    os.unlink(os.path.join(old, "header.json"))
+    old_handler = make_handler()
+    with serve(old, old_handler) as url, caplog.at_level("INFO", logger="train.data"):
+        loader = build_loader(cfg(url), "train")
+    assert loader.shards.header == build_loader(cfg(server), "train").shards.header
+    assert old_handler.sent["/manifest.json"] == os.path.getsize(os.path.join(old,
+                                                                              "manifest.json"))
+    assert f"{url}/manifest.json" in caplog.text and "MB read" in caplog.text
+
+
+@pytest.mark.parametrize("form", ["http", "pipe", "memory", "http-list"])
+def test_inspect_remote_folder(shards, server, form, capsys):
+    """inspect_shards reads every form of data.shards, streaming each shard once."""
+    from data_prep import inspect_shards
+
+    local, problems = inspect_shards.inspect(shards, progress=False)
+    assert problems == [] and local["notes"] == []
+    names = shard_names(shards)
+    if form == "memory":
+        fsspec = pytest.importorskip("fsspec")
+        fs = fsspec.filesystem("memory")
+        fs.put(shards, "/tempo-inspect", recursive=True)
+        spec = "memory://tempo-inspect"
+    else:
+        spec = {"http": server, "pipe": f"pipe:cat {shards}/{{}}",
+                "http-list": "::".join(f"{server}/{n}" for n in names[:2])}[form]
+    try:
+        got, problems = inspect_shards.inspect(spec, progress=False)
+        assert problems == [] and got["notes"] == []
+        if form == "http-list":
+            assert got["shards"] == 2 and got["samples"] == {
+                "train": sum(json.load(open(os.path.join(shards, "sizes.json")))[n]
+                             for n in names[:2])}
+        else:
+            assert got == local
+            assert inspect_shards.main([spec, "--quiet"]) == 0
+            assert capsys.readouterr().out.strip().endswith("OK")
+        if form.startswith("http"):  # each listed shard streamed once
+            assert all(Handler.requests[f"/{n}"] == (1 if form == "http-list" else 2)
+                       for n in names[:2])
+    finally:
+        if form == "memory":
+            fs.rm("/tempo-inspect", recursive=True)
+
+
+def test_inspect_remote_problems_name_the_address(shards, server, tmp_path):
+    from data_prep import inspect_shards
+
+    _, problems = inspect_shards.inspect(f"{server}/no-such-folder", progress=False)
+    assert len(problems) == 1 and f"{server}/no-such-folder/sizes.json" in problems[0]
+    _, problems = inspect_shards.inspect("memory://no-such-folder", progress=False)
+    assert "memory://no-such-folder/sizes.json" in problems[0]
+    victim = shard_names(shards)[1]
+    Handler.drops[f"/{victim}"] = 1  # cut once: retried, nothing to report
+    assert inspect_shards.inspect(server, progress=False)[1] == []
+    Handler.drops[f"/{victim}"] = 100
+    _, problems = inspect_shards.inspect(server, progress=False, retries=1)
+    assert len(problems) == 2  # the shard, and its split's total against the manifest
+    assert problems[0].startswith(f"{victim}: after ") and f"{server}/{victim}" in problems[0]
+    assert "2 attempt(s)" in problems[0] and problems[1].startswith("train: ")
+    # a shard cut short on the server: found while streaming, named with its address
+    bad = str(tmp_path / "bad")
+    shutil.copytree(shards, bad)
+    truncate_half(os.path.join(bad, victim))
+    with serve(bad) as url:
+        _, problems = inspect_shards.inspect(url, progress=False, retries=0)
+    assert any(p.startswith(f"{victim}: ") and f"{url}/{victim}" in p for p in problems)

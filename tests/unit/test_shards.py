@@ -316,6 +316,40 @@ def test_inspect_catches_corruption(shard_dir, tmp_path):
     assert inspect_shards.main([bad, "--quiet"]) == 1
 
 
+def test_inspect_checks_header_and_stats_and_writes_a_missing_header(shard_dir, tmp_path,
+                                                                      caplog):
+    import shutil
+
+    copy = str(tmp_path / "s")
+    shutil.copytree(shard_dir, copy)
+    head_path = os.path.join(copy, "header.json")
+    head = load(head_path)
+    head["tile_size"] = 32  # disagrees with the manifest: the loader would believe it
+    json.dump(head, open(head_path, "w"))
+    stats_path = os.path.join(copy, "stats.json")
+    stats = load(stats_path)
+    stats["l1"]["std"][3] = 0.0
+    json.dump(stats, open(stats_path, "w"))
+    _, problems = inspect_shards.inspect(copy, progress=False)
+    assert problems == [f"{head_path} differs from the header of manifest.json (in: "
+                        "tile_size); the loader reads header.json",
+                        f"{stats_path}: l1 mean or std not finite, or std not positive"]
+    stats["l1"]["std"] = stats["l1"]["std"][:-1]
+    json.dump(stats, open(stats_path, "w"))
+    assert "channels" in inspect_shards.inspect(copy, progress=False)[1][1]
+    # a folder written before header.json existed: a note, not a problem; --write-header
+    shutil.copy(os.path.join(shard_dir, "stats.json"), stats_path)
+    os.unlink(head_path)
+    summary, problems = inspect_shards.inspect(copy, progress=False)
+    assert problems == [] and "header.json: missing" in summary["notes"][0]
+    with caplog.at_level("INFO"):
+        assert inspect_shards.main([copy, "--quiet", "--write-header"]) == 0
+    assert f"wrote {head_path}" in caplog.text
+    assert load(head_path) == load(os.path.join(shard_dir, "header.json"))
+    assert inspect_shards.inspect(copy, progress=False) == (
+        inspect_shards.inspect(shard_dir, progress=False))
+
+
 def test_compute_stats_cli(synth_dir, tmp_path):
     out = str(tmp_path / "stats.json")
     assert compute_stats.main([synth_dir, out, "--workers", "2"]) == 0
