@@ -10,7 +10,7 @@ members are in ``data_prep.samples``.
                                l1 mean/std per channel of log(max(I, 1)), l2 per product
       header.json              the small part of the manifest the loader reads at start
                                (``header``): the keys of ``manifest_header`` and
-                               ``shard_bytes`` {shard: bytes}; about 50 bytes per shard
+                               ``shard_bytes`` {shard: bytes}; about 80 bytes per shard
       manifest.json            the keys of ``manifest_header`` (format, source, orders, units,
                                tile_size) and, from every writer: ``counts`` (written,
                                per_split, granules, granule_errors, ...), ``granule_errors``

@@ -31,10 +31,10 @@ def doc_field(default: Any, doc: str):
 @dataclass
 class DataConfig:
     shards: str = doc_field("data/shards",
-        "shards made by data_prep.make_shards (sizes.json, stats.json, manifest.json, train/, "
-        "val/): a local folder, a URL prefix (https://, s3://, gs://), 'pipe:CMD {}' ({} = path in "
-        "the folder), or a brace-expanded shard list (.../train/x-{0000..0031}.tar; lists join "
-        "with '::')")
+        "shards made by data_prep.make_shards (sizes.json, stats.json, header.json, "
+        "manifest.json, train/, val/): a local folder, a URL prefix (https://, s3://, gs://), "
+        "'pipe:CMD {}' ({} = path in the folder), or a brace-expanded shard list "
+        "(.../train/x-{0000..0031}.tar; lists join with '::')")
     batch_size: int = doc_field(8, "tiles per micro-batch per rank")
     num_workers: int = doc_field(2,
         "DataLoader worker processes per rank (0: read in the main process)")

@@ -14,8 +14,8 @@
                                       form; join several with ``::``), in any of the forms
                                       above, including ``pipe:cat /data/train/x-{0..3}.tar``
 
-In every form ``sizes.json``, ``stats.json`` and ``manifest.json`` are read from the same
-place as the shards: the folder above ``train/`` and ``val/``. A shard list restricts a
+In every form ``sizes.json``, ``stats.json`` and ``header.json`` (or, in folders written
+before it existed, ``manifest.json``) are read from the same place as the shards: the folder above ``train/`` and ``val/``. A shard list restricts a
 split to the listed shards (each must be in ``sizes.json``); a split none of whose shards
 is listed keeps all of its shards.
 
