@@ -82,8 +82,11 @@ def _check_header(source: ShardSource, manifest: dict | None, problems: list[str
     try:
         head = source.read_json(shard_format.HEADER)
     except SourceError as e:
-        notes.append(f"{e} (a folder written before header.json existed: the loader reads "
-                     "the whole manifest.json instead)")
+        if source.local:  # there, but unreadable
+            problems.append(str(e))
+        else:  # missing or unreachable: a remote source does not say which
+            notes.append(f"{e} (a folder written before header.json existed lacks it: the "
+                         "loader reads the whole manifest.json instead)")
         return
     try:
         shard_format.check_manifest(head, head_addr)

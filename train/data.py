@@ -194,9 +194,9 @@ def _read_header(source: ShardSource) -> tuple[dict, str]:
                         "both)") from None
     if source.root not in _FALLBACK_NOTED:
         _FALLBACK_NOTED.add(source.root)
-        log.info(f"{err}; the shard folder predates it, so the header was taken from "
-                 f"{man} ({len(data) / 1e6:.1f} MB read; writing header.json, e.g. with "
-                 "python -m data_prep.inspect_shards --write-header, avoids that)")
+        log.info(f"{err}; the header was taken from {man} instead ({len(data):,} "
+                 "bytes read). Folders written before header.json existed lack it; "
+                 "python -m data_prep.inspect_shards FOLDER --write-header adds it")
     _check_manifest(manifest, man)
     return shard_format.header(manifest), man
 

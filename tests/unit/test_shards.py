@@ -348,6 +348,9 @@ def test_inspect_checks_header_and_stats_and_writes_a_missing_header(shard_dir, 
     assert load(head_path) == load(os.path.join(shard_dir, "header.json"))
     assert inspect_shards.inspect(copy, progress=False) == (
         inspect_shards.inspect(shard_dir, progress=False))
+    with open(head_path, "a") as f:  # there but damaged: a problem
+        f.write("}")
+    assert "header.json is not valid JSON" in inspect_shards.inspect(copy, progress=False)[1][0]
 
 
 def test_compute_stats_cli(synth_dir, tmp_path):
