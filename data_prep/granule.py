@@ -118,6 +118,10 @@ def read_granule(g: GranuleFiles, opts: ReadOptions) -> AlignedGranule:
         if p in fields:
             f = fields[p]
             l2[i] = f.values[np.searchsorted(f.mirror_step, common)]
+    # the common rows are one run of the RAD file's rows (always, unless a file skips
+    # mirror steps): select them with a slice, a view instead of a copy of the radiance
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        rows = slice(int(rows[0]), int(rows[-1]) + 1)
     geo = np.stack([l1.latitude, l1.longitude, l1.sza, l1.vza])[:, rows]
     files = [g.rad] + [g.l2[p] for p in L2_ORDER if p in g.l2]
     err = None if l1.radiance_error is None else l1.radiance_error[rows]
