@@ -207,7 +207,7 @@ def test_fill_only_variables_decode_as_netcdf4_masks_them(tmp_path):
             data[2, 4] = 7
             v[:5] = data  # row 5 never written: default fill or _FillValue
     with netCDF4.Dataset(path) as ds:
-        for name, (typ, _, plain) in kinds.items():
+        for name, (_, _, plain) in kinds.items():
             v = ds[name]
             assert (tempo._plain_fill(v) is not None) == plain, name
             for rows in (None, slice(1, 4)):
