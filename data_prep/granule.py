@@ -6,6 +6,7 @@ Used by ``compute_stats`` (the aligned pixels) and ``make_shards`` (the tiles).
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -146,24 +147,31 @@ def normalised_error(rad: np.ndarray, err: np.ndarray, std: np.ndarray) -> np.nd
 class _Normalised:
     """Work shared by the tiles of one band of rows (``size`` rows from ``r0``), done once
     per band in place instead of once per tile: ``n_bad(r0)`` (size, X') invalid channels
-    per pixel and ``z(r0)`` (size, X', C) float32 = ``normalise(radiance)`` with invalid
-    values (channel mean, 0) and pixels with too many invalid channels (all 0) filled.
-    Only the current band is kept (memory of one band, not of the granule); columns no
-    tile uses are left out. Elementwise identical to normalising each tile."""
+    per pixel, ``z(r0)`` (size, X', C) float32 = ``normalise(radiance)`` with invalid
+    values (channel mean, 0) and pixels with too many invalid channels (all 0) filled, and
+    ``l1_npy(r0, c0)`` the .npy bytes of the tile at column ``c0``: float16 (C, size, size).
+    Only the current band is kept, in buffers reused from band to band (memory of one band,
+    not of the granule); columns no tile uses are left out. Elementwise identical to
+    normalising, casting and transposing each tile."""
 
     def __init__(self, radiance: np.ndarray, positions, t: TileOptions, mean, std):
         cols = max(c for _, c in positions) + t.size
         self.radiance, self.size, self.t = radiance[:, :cols], t.size, t
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+        shape = (t.size, cols, radiance.shape[-1])
+        self._bad = np.empty(shape, bool)
+        self._z = np.empty(shape, np.float32)
+        self._z16 = np.empty(shape, samples.L1_DTYPE)
         self._r0: int | None = None
-        self._bad = self._n_bad = self._z = None
+        self._n_bad = None
+        self._z_ready = False
 
     def _band(self, r0: int) -> None:
         if self._r0 != r0:
             rad = self.radiance[r0:r0 + self.size]
-            self._bad = ~np.isfinite(rad)
+            np.logical_not(np.isfinite(rad, out=self._bad), out=self._bad)
             self._n_bad = self._bad.sum(axis=-1, dtype=np.int32)
-            self._z, self._r0 = None, r0
+            self._z_ready, self._r0 = False, r0
 
     def n_bad(self, r0: int) -> np.ndarray:
         self._band(r0)
@@ -171,16 +179,38 @@ class _Normalised:
 
     def z(self, r0: int) -> np.ndarray:
         self._band(r0)
-        if self._z is None:
-            z = np.maximum(self.radiance[r0:r0 + self.size], np.float32(LOG_CLAMP_MIN))
+        if not self._z_ready:
+            z = np.maximum(self.radiance[r0:r0 + self.size], np.float32(LOG_CLAMP_MIN),
+                           out=self._z)
             np.log(z, out=z)
             np.subtract(z, self.mean, out=z)
             np.divide(z, self.std, out=z)
             np.clip(z, -Z_CLIP, Z_CLIP, out=z)
-            z[self._bad] = 0.0
+            np.copyto(z, 0.0, where=self._bad)
             z[self._n_bad / z.shape[-1] > self.t.max_bad_channel_fraction] = 0.0
-            self._z = z
+            _to_float16(z, self._z16)
+            self._z_ready = True
         return self._z
+
+    def l1_npy(self, r0: int, c0: int) -> bytearray:
+        self.z(r0)
+        tile = self._z16[:, c0:c0 + self.size]  # (H, W, C)
+        data, chw = samples.npy_buffer((tile.shape[2],) + tile.shape[:2], samples.L1_DTYPE)
+        for y in range(tile.shape[0]):  # (W, C) -> (C, W) row by row: cache-sized copies
+            np.copyto(chw[:, y], tile[y].T)
+        return data
+
+
+def _to_float16(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[...] = src`` cast to float16 (round to nearest even, as numpy's cast): with
+    torch's vectorised conversion when torch is already loaded in this process (e.g. the
+    shard writers' preloaded workers), numpy's otherwise (the same bits for finite values;
+    numpy casts one value at a time where its build has no float16 instructions)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and src.flags.c_contiguous and dst.flags.c_contiguous:
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    else:
+        np.copyto(dst, src, casting="same_kind")
 
 
 def tile_positions(m: int, x: int, t: TileOptions) -> list[tuple[int, int]]:
@@ -217,10 +247,8 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
             rec.update(status="dropped", reason="l1_valid_fraction_below_min")
             yield rec, None
             continue
-        z = prep.z(r0)[:, c0:c0 + t.size]  # invalid values already 0, counted:
+        l1 = prep.l1_npy(r0, c0)  # float16 (C, H, W); invalid values 0, counted:
         filled = int(n_bad.sum())
-        # cast first, then transpose the half-size copy: (C, H, W)
-        l1 = np.ascontiguousarray(z.astype(samples.L1_DTYPE).transpose(2, 0, 1))
         geo = g.geo[:, r0:r0 + t.size, c0:c0 + t.size]
         tmid = g.time[r0 + t.size // 2] if g.time.size else np.nan
         meta = {"key": key, "granule": g.key, "row": r0, "col": c0, "size": t.size,
