@@ -146,59 +146,66 @@ def normalised_error(rad: np.ndarray, err: np.ndarray, std: np.ndarray) -> np.nd
 
 class _Normalised:
     """Work shared by the tiles of one band of rows (``size`` rows from ``r0``), done once
-    per band in place instead of once per tile: ``n_bad(r0)`` (size, X') invalid channels
-    per pixel, ``z(r0)`` (size, X', C) float32 = ``normalise(radiance)`` with invalid
-    values (channel mean, 0) and pixels with too many invalid channels (all 0) filled, and
-    ``l1_npy(r0, c0)`` the .npy bytes of the tile at column ``c0``: float16 (C, size, size).
-    Only the current band is kept, in buffers reused from band to band (memory of one band,
-    not of the granule); columns no tile uses are left out. Elementwise identical to
-    normalising, casting and transposing each tile."""
+    per band instead of once per tile: ``n_bad(r0)`` (size, X') invalid channels per
+    pixel, and ``l1_npy(r0, c0)`` the .npy bytes of the tile at column ``c0``: float16
+    (C, size, size) of ``normalise(radiance)`` with invalid values (channel mean, 0) and
+    pixels with too many invalid channels (all 0) filled. The band is normalised one
+    tile row at a time in reused buffers (the passes stay in cache), each row cast to
+    float16 once and transposed into every tile of the band. Only the current band is
+    kept (memory of one band, not of the granule); columns no tile uses are left out.
+    Elementwise identical to normalising, casting and transposing each tile."""
 
     def __init__(self, radiance: np.ndarray, positions, t: TileOptions, mean, std):
         cols = max(c for _, c in positions) + t.size
         self.radiance, self.size, self.t = radiance[:, :cols], t.size, t
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
-        shape = (t.size, cols, radiance.shape[-1])
-        self._bad = np.empty(shape, bool)
-        self._z = np.empty(shape, np.float32)
-        self._z16 = np.empty(shape, samples.L1_DTYPE)
+        self.columns: dict[int, list[int]] = {}
+        for r0, c0 in positions:
+            self.columns.setdefault(r0, []).append(c0)
+        c = radiance.shape[-1]
+        self._bad = np.empty((t.size, cols, c), bool)
+        self._z = np.empty((cols, c), np.float32)  # one tile row
+        self._z16 = np.empty((cols, c), samples.L1_DTYPE)
         self._r0: int | None = None
         self._n_bad = None
-        self._z_ready = False
+        self._tiles: dict[int, memoryview] | None = None
 
     def _band(self, r0: int) -> None:
         if self._r0 != r0:
             rad = self.radiance[r0:r0 + self.size]
             np.logical_not(np.isfinite(rad, out=self._bad), out=self._bad)
             self._n_bad = self._bad.sum(axis=-1, dtype=np.int32)
-            self._z_ready, self._r0 = False, r0
+            self._tiles, self._r0 = None, r0
 
     def n_bad(self, r0: int) -> np.ndarray:
         self._band(r0)
         return self._n_bad
 
-    def z(self, r0: int) -> np.ndarray:
+    def l1_npy(self, r0: int, c0: int) -> memoryview:
         self._band(r0)
-        if not self._z_ready:
-            z = np.maximum(self.radiance[r0:r0 + self.size], np.float32(LOG_CLAMP_MIN),
-                           out=self._z)
+        if self._tiles is None:
+            self._tiles = self._normalise_band(r0)
+        return self._tiles.pop(c0)
+
+    def _normalise_band(self, r0: int) -> dict[int, memoryview]:
+        c = self._z.shape[-1]
+        tiles, chw = {}, {}
+        for c0 in self.columns[r0]:
+            tiles[c0], chw[c0] = samples.npy_buffer((c, self.size, self.size),
+                                                    samples.L1_DTYPE)
+        z, z16 = self._z, self._z16
+        for y in range(self.size):
+            np.maximum(self.radiance[r0 + y], np.float32(LOG_CLAMP_MIN), out=z)
             np.log(z, out=z)
             np.subtract(z, self.mean, out=z)
             np.divide(z, self.std, out=z)
             np.clip(z, -Z_CLIP, Z_CLIP, out=z)
-            np.copyto(z, 0.0, where=self._bad)
-            z[self._n_bad / z.shape[-1] > self.t.max_bad_channel_fraction] = 0.0
-            _to_float16(z, self._z16)
-            self._z_ready = True
-        return self._z
-
-    def l1_npy(self, r0: int, c0: int) -> bytearray:
-        self.z(r0)
-        tile = self._z16[:, c0:c0 + self.size]  # (H, W, C)
-        data, chw = samples.npy_buffer((tile.shape[2],) + tile.shape[:2], samples.L1_DTYPE)
-        for y in range(tile.shape[0]):  # (W, C) -> (C, W) row by row: cache-sized copies
-            np.copyto(chw[:, y], tile[y].T)
-        return data
+            np.copyto(z, 0.0, where=self._bad[y])
+            z[self._n_bad[y] / c > self.t.max_bad_channel_fraction] = 0.0
+            _to_float16(z, z16)
+            for c0, a in chw.items():  # (W, C) -> (C, W): row y of each tile
+                np.copyto(a[:, y], z16[c0:c0 + self.size].T)
+        return tiles
 
 
 def _to_float16(src: np.ndarray, dst: np.ndarray) -> None:
