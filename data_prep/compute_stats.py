@@ -23,7 +23,7 @@ from data_prep.granule import ReadOptions, read_granule
 from data_prep.logs import get_logger, setup_logging
 from data_prep.stats import DatasetStats, log_radiance
 from data_prep.tempo import GranuleFiles, TempoFileError, discover, find_files
-from data_prep.util import argument_parser, atomic_write_json
+from data_prep.util import argument_parser, atomic_write_json, reuse_freed_memory
 
 log = get_logger(__name__)
 
@@ -43,6 +43,7 @@ def granule_stats(g: GranuleFiles, opts: ReadOptions, k: int = 1_000_000) -> Dat
 
 def _job(args):
     g, opts, k = args
+    reuse_freed_memory()  # granule-sized buffers, granule after granule
     try:
         return g.gid.key, granule_stats(g, opts, k), None
     except TempoFileError as e:
@@ -83,8 +84,19 @@ def pool_context():
     if "forkserver" not in methods:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["numpy", "netCDF4", "data_prep.granule", "data_prep.stats"])
+    ctx.set_forkserver_preload(["numpy", "netCDF4", "data_prep.granule", "data_prep.stats",
+                                "data_prep.compute_stats", "data_prep.make_shards"])
     return ctx
+
+
+def start_pool_server() -> None:
+    """Start the fork server of :func:`pool_context` now, without waiting for it: its
+    imports (~0.2 s) then overlap the caller's own work (discovery, planning) instead of
+    delaying the first pool."""
+    if pool_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 class _Inline:

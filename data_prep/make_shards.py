@@ -58,7 +58,7 @@ from data_prep.tempo import (
     qa_rules,
     qa_rules_json,
 )
-from data_prep.util import argument_parser, atomic_write_json, read_json
+from data_prep.util import argument_parser, atomic_write_json, read_json, reuse_freed_memory
 
 log = get_logger(__name__)
 
@@ -278,6 +278,7 @@ def _unit_job(job):
     ``torch_threads`` None: cast with numpy; else load torch for the casts and, if > 0,
     limit its threads to that many."""
     torch_threads, args = job
+    reuse_freed_memory()  # the tile buffers of one band reuse the last band's pages
     if torch_threads is not None:
         import torch
 
@@ -560,6 +561,8 @@ def step_merge(args, plan, ignored, t0: float) -> int:
 
 def run(args) -> int:
     t0 = time.time()
+    if args.workers > 1 and args.step != "merge":
+        compute_stats.start_pool_server()
     try:
         granules, ignored, plan, read_opts, tile = _discover(args)
         if args.step in ("plan", "all"):

@@ -438,7 +438,7 @@ def _plain_invalid(data: np.ndarray, fill, extra_fill) -> np.ndarray:
 
 
 def read_field(ds, path: str, where: str, rows: slice | None = None,
-               dtype=np.float64, extra_fill: float | None = None
+               dtype=np.float64, extra_fill: float | None = None, mark_invalid: bool = True
                ) -> tuple[np.ndarray, np.ndarray]:
     """Read and decode one variable: ``(values, invalid)``.
 
@@ -452,7 +452,8 @@ def read_field(ds, path: str, where: str, rows: slice | None = None,
     the same values and the same invalid set, without the masked copies. ``values`` has
     ``dtype`` (None: the variable's own type);
     for a float dtype invalid values are NaN, for an integer dtype they hold 0 (use
-    ``invalid``). ``rows`` selects along the first dimension. Raises TempoFileError naming
+    ``invalid``); ``mark_invalid=False`` leaves them as read, for a caller that marks a
+    larger set itself. ``rows`` selects along the first dimension. Raises TempoFileError naming
     the file and variable when the data cannot be read (e.g. a truncated file).
     """
     v = _var(ds, path, where)
@@ -478,7 +479,7 @@ def read_field(ds, path: str, where: str, rows: slice | None = None,
     if dtype.kind != "f" and data.dtype.kind == "f":
         data = np.where(invalid, 0.0, data)  # fill before a float -> int cast
     out = data.astype(dtype, copy=False)
-    if invalid.any():
+    if mark_invalid and invalid.any():
         np.copyto(out, np.nan if dtype.kind == "f" else 0, where=invalid)
     return out, invalid
 
@@ -507,18 +508,20 @@ def _mirror_steps(ds, n: int, where: str) -> np.ndarray:
 
 
 def _read_rows(ds, path: str, where: str, m: int, rows_per_read: int,
-               extra_fill: float | None) -> tuple[np.ndarray, np.ndarray]:
+               extra_fill: float | None, mark_invalid: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
     """``read_field`` of a (mirror_step, ...) variable as float32: in one read when its
     decoding is only its fill value (no masked copies, no copy into a second array), else
     ``rows_per_read`` mirror steps at a time (netCDF4's masked temporaries stay small)."""
     v = _var(ds, path, where)
     if _plain_fill(v) is not None:
-        return read_field(ds, path, where, None, np.float32, extra_fill)
+        return read_field(ds, path, where, None, np.float32, extra_fill, mark_invalid)
     out = np.empty(v.shape, np.float32)
     invalid = np.empty(v.shape, bool)
     for r0 in range(0, m, rows_per_read):
         rows = slice(r0, min(m, r0 + rows_per_read))
-        out[rows], invalid[rows] = read_field(ds, path, where, rows, np.float32, extra_fill)
+        out[rows], invalid[rows] = read_field(ds, path, where, rows, np.float32, extra_fill,
+                                              mark_invalid)
     return out, invalid
 
 
@@ -581,12 +584,14 @@ def read_l1(path: str, band: str = L1_BAND, fill: float | None = None,
             raise TempoFileError(path, f"pixel_quality_flag shape {pqf_var.shape} does not "
                                        f"match radiance {rv.shape}")
         step = max(1, rows_per_read)
-        rad, bad = _read_rows(ds, f"{band}/radiance", path, m, step, fill)
+        # invalid radiance is marked NaN below, with the flagged values
+        rad, bad = _read_rows(ds, f"{band}/radiance", path, m, step, fill, False)
         for r0 in range(0, m, step):
             rows = slice(r0, min(m, r0 + step))
             # the flag's own integer type (an int64 copy of a granule's flags costs more
             # than the test), viewed unsigned so that every bit of the mask is testable
-            pqf, flagged = read_field(ds, f"{band}/pixel_quality_flag", path, rows, None)
+            pqf, flagged = read_field(ds, f"{band}/pixel_quality_flag", path, rows, None,
+                                      mark_invalid=False)
             if pqf.dtype.kind == "i":
                 pqf = pqf.view(pqf.dtype.str.replace("i", "u"))
             if quality_mask & ((1 << 8 * pqf.itemsize) - 1) == (1 << 8 * pqf.itemsize) - 1:
