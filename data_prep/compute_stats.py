@@ -43,7 +43,6 @@ def granule_stats(g: GranuleFiles, opts: ReadOptions, k: int = 1_000_000) -> Dat
 
 def _job(args):
     g, opts, k = args
-    reuse_freed_memory()  # granule-sized buffers, granule after granule
     try:
         return g.gid.key, granule_stats(g, opts, k), None
     except TempoFileError as e:
@@ -56,7 +55,9 @@ def compute(granules: list[GranuleFiles], opts: ReadOptions, workers: int = 1,
     total: DatasetStats | None = None
     errors: dict[str, str] = {}
     jobs = [(g, opts, k) for g in granules]
-    with (pool_context().Pool(workers) if workers > 1 else _Inline()) as pool:
+    # workers reuse the memory of one granule's buffers for the next
+    with (pool_context().Pool(workers, reuse_freed_memory) if workers > 1
+          else _Inline()) as pool:
         it = pool.imap_unordered(_job, jobs)
         for key, st, err in tqdm(it, total=len(jobs), desc="stats", unit="granule",
                                  disable=not progress, file=sys.stderr):
@@ -84,8 +85,9 @@ def pool_context():
     if "forkserver" not in methods:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["numpy", "netCDF4", "data_prep.granule", "data_prep.stats",
-                                "data_prep.compute_stats", "data_prep.make_shards"])
+    # not the commands' own modules: run as ``python -m``, they are the fork server's
+    # __main__, and preloading them too makes runpy warn
+    ctx.set_forkserver_preload(["numpy", "netCDF4", "data_prep.granule", "data_prep.stats"])
     return ctx
 
 

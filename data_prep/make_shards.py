@@ -278,7 +278,6 @@ def _unit_job(job):
     ``torch_threads`` None: cast with numpy; else load torch for the casts and, if > 0,
     limit its threads to that many."""
     torch_threads, args = job
-    reuse_freed_memory()  # the tile buffers of one band reuse the last band's pages
     if torch_threads is not None:
         import torch
 
@@ -488,7 +487,8 @@ def step_run(args, granules, read_opts, tile, task_index: int, num_tasks: int) -
         if n_granules >= TORCH_CAST_MIN_GRANULES * n_workers else None
     jobs = [(torch_threads, (args.out_dir, u, granules, mean, std, read_opts, tile,
                              args.shard_size, args.max_samples_per_shard)) for u in todo]
-    with (compute_stats.pool_context().Pool(n_workers) if parallel
+    # workers reuse the pages of one band's tile buffers for the next
+    with (compute_stats.pool_context().Pool(n_workers, reuse_freed_memory) if parallel
           else compute_stats._Inline()) as pool:
         for _ in tqdm(pool.imap_unordered(_unit_job, jobs), total=len(jobs), desc="shards",
                       unit="unit", disable=args.quiet, file=sys.stderr):
