@@ -210,9 +210,10 @@ class _Normalised:
 
 def _to_float16(src: np.ndarray, dst: np.ndarray) -> None:
     """``dst[...] = src`` cast to float16 (round to nearest even, as numpy's cast): with
-    torch's vectorised conversion when torch is already loaded in this process (e.g. the
-    shard writers' preloaded workers), numpy's otherwise (the same bits for finite values;
-    numpy casts one value at a time where its build has no float16 instructions)."""
+    torch's vectorised conversion when torch is already loaded in this process (e.g.
+    make_shards workers with enough granules to amortise its import), numpy's otherwise
+    (the same bits for finite values; numpy casts one value at a time where its build has
+    no float16 instructions)."""
     torch = sys.modules.get("torch")
     if torch is not None and src.flags.c_contiguous and dst.flags.c_contiguous:
         torch.from_numpy(dst).copy_(torch.from_numpy(src))
