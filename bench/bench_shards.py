@@ -2,17 +2,21 @@
 
 Synthesizes (once, kept in --workdir) 2 granules at the real granule depth and spectral
 size, 132 mirror steps x 512 xtrack x 1028 channels (a real granule has 2048 xtrack; 512
-keeps the bench short), and in one run measures:
+keeps the bench short), uncompressed (``--compress``: radiance deflated as in NASA's
+files), and in one run measures:
 
   raw read      netCDF4 reads the radiance variable of the 2 RAD files, one process,
                 without masked arrays (the fastest plain read; best of --repeats)
-  make_shards   end to end, in-process (discovery, planning, worker start-up, netCDF read
-                of RAD + 4 L2 files, QA, alignment, normalisation, tiling, tar writing,
-                manifest), one worker per core, one unit per granule:
-                (a) with the statistics pass (here every granule: fewer than
-                    --stats-min-granules), (b) statistics given (--stats), which is the
-                    month-scale case where the sampled statistics read ~10% of the granules
-  stats pass    the statistics of (a) alone
+  make_shards   end to end in a fresh process (the time of ``make_shards.main``: discovery,
+                planning, fork server and worker start-up, netCDF read of RAD + 4 L2 files,
+                QA, alignment, normalisation, tiling, tar writing, manifest), one worker per
+                core, one unit per granule: (a) with the statistics pass (here every
+                granule: fewer than --stats-min-granules), (b) statistics given (--stats),
+                the month-scale case where the sampled statistics read ~10% of the granules
+  stats pass    the statistics of (a) alone, in this process
+  by stage      one granule in this process (warm), with numpy's and with torch's
+                float16 cast (make_shards workers use torch's when each has at least
+                ``make_shards.TORCH_CAST_MIN_GRANULES`` granules: its import costs ~1.5 s)
 
 and prints ratios raw read time / make_shards time (higher is better; goal >= 0.5), bytes
 per tile, the read bandwidth a GPU needs at the research model's speed, and what
@@ -21,6 +25,7 @@ it decodes against a plain read of the same bytes. Only ratios measured within o
 meaningful on a shared machine.
 
     python bench/bench_shards.py [--workdir /tmp/bench_shards] [--workers N] [--against REV]
+                                 [--compress]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep import compute_stats, make_shards, samples, synthesize  # noqa: E402
 from data_prep.granule import ReadOptions  # noqa: E402
 from data_prep.tempo import L1_BAND, discover, find_files  # noqa: E402
-from data_prep.util import atomic_write_json, read_json  # noqa: E402
+from data_prep.util import atomic_write_json, read_json, reuse_freed_memory  # noqa: E402
 
 RESEARCH_TILES_PER_S = 43.0  # research code, one GPU (bench/README.md, GPU section)
 
@@ -53,45 +58,57 @@ def best_of(n: int, fn) -> float:
     return min(times)
 
 
-def raw_read(files: list[str], masked: bool = False) -> None:
+def raw_read(files: list[str], masked: bool = False,
+             variables: tuple[str, ...] = ("radiance",)) -> None:
     import netCDF4
 
     for f in files:
         with netCDF4.Dataset(f) as ds:
-            v = ds.groups[L1_BAND].variables["radiance"]
-            v.set_auto_mask(masked)
-            v[...]
+            for name in variables:
+                v = ds.groups[L1_BAND].variables[name]
+                v.set_auto_mask(masked)
+                v[...]
 
 
 def stages(granule, stats: dict, repeats: int) -> dict[str, float]:
-    """Seconds per stage for one granule in this process (best of ``repeats``)."""
+    """Seconds per stage for one granule in this process (best of ``repeats``, warm)."""
     import tempfile
 
+    import torch
+
+    from data_prep import granule as gmod
     from data_prep.granule import TileOptions, cut_tiles, read_granule
 
+    torch.set_num_threads(1)  # one worker per core
+    reuse_freed_memory()  # as make_shards' workers do
     mean = np.asarray(stats["l1"]["mean"], np.float32)
     std = np.asarray(stats["l1"]["std"], np.float32)
     ag = read_granule(granule, ReadOptions())
     out = {"read_granule (RAD + L2 read, QA, align)":
            best_of(repeats, lambda: read_granule(granule, ReadOptions()))}
+    out["  of which: netCDF4 read of radiance + pixel_quality_flag"] = best_of(
+        repeats, lambda: raw_read([granule.rad], variables=("radiance", "pixel_quality_flag")))
     tiles = []
-    out["cut_tiles (normalise, float16, encode)"] = best_of(
-        repeats, lambda: tiles.__setitem__(slice(None), [
-            s for _, s in cut_tiles(ag, mean, std, TileOptions()) if s is not None]))
-    from data_prep.granule import _Normalised, tile_positions
 
-    t = TileOptions()
-    pos = tile_positions(*ag.radiance.shape[:2], t)
-    rows = sorted({r for r, _ in pos})
+    def cut():
+        tiles[:] = [s for _, s in cut_tiles(ag, mean, std, TileOptions()) if s is not None]
 
-    def normalise_all():
-        prep = _Normalised(ag.radiance, pos, t, mean, std)
-        return [prep.z(r) for r in rows]
-
-    z = normalise_all()
-    out["  of which: normalise (log, z-score, clip, fill)"] = best_of(repeats, normalise_all)
-    out["  of which: float32 -> float16 cast"] = best_of(
-        repeats, lambda: [b.astype(samples.L1_DTYPE) for b in z])
+    out["cut_tiles, torch's float16 cast"] = best_of(repeats, cut)
+    saved = sys.modules.pop("torch")  # granule._to_float16 falls back to numpy
+    try:
+        out["cut_tiles, numpy's float16 cast"] = best_of(repeats, cut)
+    finally:
+        sys.modules["torch"] = saved
+    # the cast alone, on as many values as cut_tiles casts (one tile row at a time)
+    n_rows = len({r for r, _ in gmod.tile_positions(*ag.radiance.shape[:2], TileOptions())})
+    z = np.clip(np.random.default_rng(0).normal(0, 3, ag.radiance.shape[1:]), -10, 10
+                ).astype(np.float32)
+    z16 = np.empty(z.shape, np.float16)
+    rows = n_rows * TileOptions().size
+    out["  of which: float16 cast, torch"] = best_of(
+        repeats, lambda: [gmod._to_float16(z, z16) for _ in range(rows)])
+    out["  of which: float16 cast, numpy"] = best_of(
+        repeats, lambda: [np.copyto(z16, z, casting="same_kind") for _ in range(rows)])
     with tempfile.TemporaryDirectory() as d:
         def write():
             w = make_shards.TarShardWriter(os.path.join(d, "%04d.tar"), 10**6, 1e12)
@@ -147,6 +164,23 @@ def codec_figures(out: str, n_tiles: int, repeats: int) -> None:
               f"{l1_bytes / t_enc / 1e9:.2f} GB/s per core")
 
 
+def make_shards_fresh(tree: str, gran: str, out: str, common: list[str],
+                      stats: str | None) -> float:
+    """Seconds of ``make_shards.main`` of the source tree ``tree`` in a fresh process
+    (fork server and workers started anew; the interpreter's own start and imports not
+    counted)."""
+    import subprocess
+
+    code = ("import sys, time; from data_prep import make_shards; t = time.perf_counter(); "
+            "assert make_shards.main(sys.argv[1:]) == 0; print(time.perf_counter() - t)")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-c", code, gran, out] + common + \
+        (["--stats", stats] if stats else [])
+    r = subprocess.run(cmd, cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
+                       capture_output=True, text=True, check=True)
+    return float(r.stdout.split()[-1])
+
+
 def against_revision(rev: str, gran: str, workdir: str, common: list[str], stats: str,
                      repeats: int) -> None:
     """make_shards of git revision ``rev`` (exported with ``git archive``) against this tree,
@@ -161,23 +195,11 @@ def against_revision(rev: str, gran: str, workdir: str, common: list[str], stats
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
     outs = {old: os.path.join(workdir, "shards-rev"), here: os.path.join(workdir, "shards-this")}
-    code = ("import sys, time; from data_prep import make_shards; t = time.perf_counter(); "
-            "assert make_shards.main(sys.argv[1:]) == 0; print(time.perf_counter() - t)")
-
-    def one(tree: str, given: bool) -> float:
-        out = outs[tree]
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-c", code, gran, out] + common + \
-            (["--stats", stats] if given else [])
-        r = subprocess.run(cmd, cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
-                           capture_output=True, text=True, check=True)
-        return float(r.stdout.split()[-1])
-
     best: dict = {}
     for _ in range(repeats):
         for name, tree in ((rev, old), ("this tree", here)):
             for given in (False, True):
-                t = one(tree, given)
+                t = make_shards_fresh(tree, gran, outs[tree], common, stats if given else None)
                 best[name, given] = min(best.get((name, given), t), t)
     a, b = (read_json(os.path.join(outs[t], "sizes.json")) for t in (old, here))
     same = a == b and all(open(os.path.join(outs[old], k), "rb").read()
@@ -197,6 +219,9 @@ def main() -> int:
     p.add_argument("--mirror-steps", type=int, default=132)
     p.add_argument("--xtrack", type=int, default=512)
     p.add_argument("--channels", type=int, default=1028)
+    p.add_argument("--compress", action="store_true",
+                   help="deflate the radiance (level 1, one chunk per mirror step) as NASA's "
+                        "RAD files are; the raw read then includes decompression")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="make_shards workers (default: one per core)")
     p.add_argument("--repeats", type=int, default=3)
@@ -206,29 +231,24 @@ def main() -> int:
                         "tree (fresh processes, best of 2)")
     args = p.parse_args()
     gran = os.path.join(args.workdir, f"granules_{args.granules}x{args.mirror_steps}x"
-                                      f"{args.xtrack}x{args.channels}")
+                                      f"{args.xtrack}x{args.channels}"
+                                      + ("_deflated" if args.compress else ""))
     if not os.path.exists(os.path.join(gran, "done")):
         shutil.rmtree(gran, ignore_errors=True)
         synthesize.main([gran, "--granules", str(args.granules), "--mirror-steps",
                          str(args.mirror_steps), "--xtrack", str(args.xtrack), "--channels",
-                         str(args.channels), "--seed", "1"])
+                         str(args.channels), "--seed", "1"]
+                        + (["--compress"] if args.compress else []))
         open(os.path.join(gran, "done"), "w").close()
     found, _ = discover(find_files(gran))
     rad_files = sorted(g.rad for g in found.values())
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = os.path.join(args.workdir, "shards")
     stats_file = os.path.join(args.workdir, "stats.json")
     # one unit per granule: a month has thousands of units; two granules need two
     shard = str(int(args.mirror_steps * args.xtrack * args.channels * 2 * 0.9))
     common = ["--quiet", "--val-fraction", "0", "--workers", str(args.workers),
               "--shard-size", shard]
-
-    def e2e_stats():
-        shutil.rmtree(out, ignore_errors=True)
-        assert make_shards.main([gran, out] + common) == 0
-
-    def e2e_given():
-        shutil.rmtree(out, ignore_errors=True)
-        assert make_shards.main([gran, out, "--stats", stats_file] + common) == 0
 
     def stats_only():
         st, _ = compute_stats.compute(list(found.values()), ReadOptions(), args.workers,
@@ -239,8 +259,8 @@ def main() -> int:
     t_stats = best_of(1, stats_only)
     t_raw = best_of(args.repeats, lambda: raw_read(rad_files))
     t_masked = best_of(args.repeats, lambda: raw_read(rad_files, masked=True))
-    t_a = best_of(1, e2e_stats)
-    t_b = best_of(2, e2e_given)
+    t_a = make_shards_fresh(here, gran, out, common, None)
+    t_b = min(make_shards_fresh(here, gran, out, common, stats_file) for _ in range(2))
     t_raw = min(t_raw, best_of(args.repeats, lambda: raw_read(rad_files)))  # noise check
     per_stage = stages(next(iter(found.values())), read_json(stats_file), 2)
 
@@ -248,10 +268,11 @@ def main() -> int:
     n = sum(sizes.values())
     tar_bytes = sum(os.path.getsize(os.path.join(out, k)) for k in sizes)
     m, x, c = args.mirror_steps, args.xtrack, args.channels
-    print(f"{args.granules} granules of {m} x {x} x {c}; {n} tiles of {c} x 64 x 64 in "
-          f"{len(sizes)} shards; {args.workers} workers (cores: {os.cpu_count()}, load "
-          f"average {os.getloadavg()[0]:.1f} at the end: other work on the cores slows the "
-          "parallel figures, not the per-core one)")
+    print(f"{args.granules} granules of {m} x {x} x {c}"
+          f"{', radiance deflated' if args.compress else ', uncompressed'}; {n} tiles of "
+          f"{c} x 64 x 64 in {len(sizes)} shards; {args.workers} workers (cores: "
+          f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end: other work "
+          "on the cores slows the parallel figures, not the per-core one)")
     print(f"raw netCDF4 read of the radiance      {t_raw:7.2f} s  (1 process; masked "
           f"arrays, netCDF4's default: {t_masked:.2f} s)")
     print(f"make_shards (a) with statistics pass  {t_a:7.2f} s  ratio raw/e2e "
@@ -260,12 +281,19 @@ def main() -> int:
           f"{t_raw / t_b:.2f} (vs the default read {t_masked / t_b:.2f})")
     print(f"statistics pass alone                 {t_stats:7.2f} s  ratio raw/stats "
           f"{t_raw / t_stats:.2f}")
-    total = sum(v for k, v in per_stage.items() if not k.startswith(" "))
-    print(f"one granule, one process, by stage: {total:.2f} s = ratio raw/pipeline per core "
-          f"{t_raw / len(rad_files) / total:.2f} (vs the default read "
-          f"{t_masked / len(rad_files) / total:.2f}); what one worker per free core gives")
+    per_granule = t_raw / len(rad_files)
+    write = per_stage["tar write"]
+    read = per_stage["read_granule (RAD + L2 read, QA, align)"]
+    for cast in ("torch", "numpy"):
+        total = read + per_stage[f"cut_tiles, {cast}'s float16 cast"] + write
+        print(f"one granule, one process, {cast}'s cast: {total:.2f} s = ratio raw/pipeline "
+              f"per core {per_granule / total:.2f} (vs the default read "
+              f"{t_masked / len(rad_files) / total:.2f})")
+    print(f"  by stage (make_shards casts with torch in workers of at least "
+          f"{make_shards.TORCH_CAST_MIN_GRANULES} granules; here each has "
+          f"{args.granules / args.workers:g})")
     for k, v in per_stage.items():
-        print(f"  {k:42s} {v:6.2f} s  {v / total:.0%}")
+        print(f"  {k:58s} {v:6.3f} s")
     per_tile = tar_bytes / n
     l1 = c * 64 * 64 * 2
     print(f"bytes per tile: {per_tile / 1e6:.3f} MB in the shards (L1 float16 "

@@ -6,6 +6,7 @@ Used by ``compute_stats`` (the aligned pixels) and ``make_shards`` (the tiles).
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -118,6 +119,10 @@ def read_granule(g: GranuleFiles, opts: ReadOptions) -> AlignedGranule:
         if p in fields:
             f = fields[p]
             l2[i] = f.values[np.searchsorted(f.mirror_step, common)]
+    # the common rows are one run of the RAD file's rows (always, unless a file skips
+    # mirror steps): select them with a slice, a view instead of a copy of the radiance
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        rows = slice(int(rows[0]), int(rows[-1]) + 1)
     geo = np.stack([l1.latitude, l1.longitude, l1.sza, l1.vza])[:, rows]
     files = [g.rad] + [g.l2[p] for p in L2_ORDER if p in g.l2]
     err = None if l1.radiance_error is None else l1.radiance_error[rows]
@@ -141,42 +146,79 @@ def normalised_error(rad: np.ndarray, err: np.ndarray, std: np.ndarray) -> np.nd
 
 class _Normalised:
     """Work shared by the tiles of one band of rows (``size`` rows from ``r0``), done once
-    per band in place instead of once per tile: ``n_bad(r0)`` (size, X') invalid channels
-    per pixel and ``z(r0)`` (size, X', C) float32 = ``normalise(radiance)`` with invalid
-    values (channel mean, 0) and pixels with too many invalid channels (all 0) filled.
-    Only the current band is kept (memory of one band, not of the granule); columns no
-    tile uses are left out. Elementwise identical to normalising each tile."""
+    per band instead of once per tile: ``n_bad(r0)`` (size, X') invalid channels per
+    pixel, and ``l1_npy(r0, c0)`` the .npy bytes of the tile at column ``c0``: float16
+    (C, size, size) of ``normalise(radiance)`` with invalid values (channel mean, 0) and
+    pixels with too many invalid channels (all 0) filled. The band is normalised one
+    tile row at a time in reused buffers (the passes stay in cache), each row cast to
+    float16 once and transposed into every tile of the band. Only the current band is
+    kept (memory of one band, not of the granule); columns no tile uses are left out.
+    Elementwise identical to normalising, casting and transposing each tile."""
 
     def __init__(self, radiance: np.ndarray, positions, t: TileOptions, mean, std):
         cols = max(c for _, c in positions) + t.size
         self.radiance, self.size, self.t = radiance[:, :cols], t.size, t
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+        self.columns: dict[int, list[int]] = {}
+        for r0, c0 in positions:
+            self.columns.setdefault(r0, []).append(c0)
+        c = radiance.shape[-1]
+        self._bad = np.empty((t.size, cols, c), bool)
+        self._z = np.empty((cols, c), np.float32)  # one tile row
+        self._z16 = np.empty((cols, c), samples.L1_DTYPE)
         self._r0: int | None = None
-        self._bad = self._n_bad = self._z = None
+        self._n_bad = None
+        self._tiles: dict[int, memoryview] | None = None
 
     def _band(self, r0: int) -> None:
         if self._r0 != r0:
             rad = self.radiance[r0:r0 + self.size]
-            self._bad = ~np.isfinite(rad)
+            np.logical_not(np.isfinite(rad, out=self._bad), out=self._bad)
             self._n_bad = self._bad.sum(axis=-1, dtype=np.int32)
-            self._z, self._r0 = None, r0
+            self._tiles, self._r0 = None, r0
 
     def n_bad(self, r0: int) -> np.ndarray:
         self._band(r0)
         return self._n_bad
 
-    def z(self, r0: int) -> np.ndarray:
+    def l1_npy(self, r0: int, c0: int) -> memoryview:
         self._band(r0)
-        if self._z is None:
-            z = np.maximum(self.radiance[r0:r0 + self.size], np.float32(LOG_CLAMP_MIN))
+        if self._tiles is None:
+            self._tiles = self._normalise_band(r0)
+        return self._tiles.pop(c0)
+
+    def _normalise_band(self, r0: int) -> dict[int, memoryview]:
+        c = self._z.shape[-1]
+        tiles, chw = {}, {}
+        for c0 in self.columns[r0]:
+            tiles[c0], chw[c0] = samples.npy_buffer((c, self.size, self.size),
+                                                    samples.L1_DTYPE)
+        z, z16 = self._z, self._z16
+        for y in range(self.size):
+            np.maximum(self.radiance[r0 + y], np.float32(LOG_CLAMP_MIN), out=z)
             np.log(z, out=z)
             np.subtract(z, self.mean, out=z)
             np.divide(z, self.std, out=z)
             np.clip(z, -Z_CLIP, Z_CLIP, out=z)
-            z[self._bad] = 0.0
-            z[self._n_bad / z.shape[-1] > self.t.max_bad_channel_fraction] = 0.0
-            self._z = z
-        return self._z
+            np.copyto(z, 0.0, where=self._bad[y])
+            z[self._n_bad[y] / c > self.t.max_bad_channel_fraction] = 0.0
+            _to_float16(z, z16)
+            for c0, a in chw.items():  # (W, C) -> (C, W): row y of each tile
+                np.copyto(a[:, y], z16[c0:c0 + self.size].T)
+        return tiles
+
+
+def _to_float16(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[...] = src`` cast to float16 (round to nearest even, as numpy's cast): with
+    torch's vectorised conversion when torch is already loaded in this process (e.g.
+    make_shards workers with enough granules to amortise its import), numpy's otherwise
+    (the same bits for finite values; numpy casts one value at a time where its build has
+    no float16 instructions)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and src.flags.c_contiguous and dst.flags.c_contiguous:
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    else:
+        np.copyto(dst, src, casting="same_kind")
 
 
 def tile_positions(m: int, x: int, t: TileOptions) -> list[tuple[int, int]]:
@@ -213,10 +255,8 @@ def cut_tiles(g: AlignedGranule, mean: np.ndarray, std: np.ndarray, t: TileOptio
             rec.update(status="dropped", reason="l1_valid_fraction_below_min")
             yield rec, None
             continue
-        z = prep.z(r0)[:, c0:c0 + t.size]  # invalid values already 0, counted:
+        l1 = prep.l1_npy(r0, c0)  # float16 (C, H, W); invalid values 0, counted:
         filled = int(n_bad.sum())
-        # cast first, then transpose the half-size copy: (C, H, W)
-        l1 = np.ascontiguousarray(z.astype(samples.L1_DTYPE).transpose(2, 0, 1))
         geo = g.geo[:, r0:r0 + t.size, c0:c0 + t.size]
         tmid = g.time[r0 + t.size // 2] if g.time.size else np.nan
         meta = {"key": key, "granule": g.key, "row": r0, "col": c0, "size": t.size,

@@ -60,10 +60,15 @@ from data_prep.tempo import (
     qa_rules,
     qa_rules_json,
 )
-from data_prep.util import argument_parser, atomic_write_json, read_json
+from data_prep.util import argument_parser, atomic_write_json, read_json, reuse_freed_memory
 
 log = get_logger(__name__)
 
+# torch casts tiles to float16 (granule._to_float16) much faster than numpy's build does
+# here, one value at a time (bench/bench_shards.py: 0.005 s against 0.17 s per granule of
+# 132 x 512 x 1028, four times that at 2048 xtrack), but importing it costs ~1.5 s per
+# worker: workers load it when each has at least this many granules to write
+TORCH_CAST_MIN_GRANULES = 4
 
 
 class OutputDirError(Exception):
@@ -268,7 +273,16 @@ def process_unit(out_dir: str, unit: Unit, granules: dict[str, GranuleFiles], me
     return done
 
 
-def _unit_job(args):
+def _unit_job(job):
+    """``process_unit`` in a worker: ``job = (torch_threads, process_unit arguments)``;
+    ``torch_threads`` None: cast with numpy; else load torch for the casts and, if > 0,
+    limit its threads to that many."""
+    torch_threads, args = job
+    if torch_threads is not None:
+        import torch
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
     return process_unit(*args)
 
 
@@ -466,10 +480,17 @@ def step_run(args, granules, read_opts, tile, task_index: int, num_tasks: int) -
     skipped = len(mine) - len(todo)
     if skipped and not args.quiet:
         log.info(f"resuming: {skipped} of {len(mine)} work units already done")
-    jobs = [(args.out_dir, u, granules, mean, std, read_opts, tile, args.shard_size,
-             args.max_samples_per_shard) for u in todo]
-    with (compute_stats.pool_context().Pool(min(args.workers, len(jobs)))
-          if args.workers > 1 and len(jobs) > 1 else compute_stats._Inline()) as pool:
+    parallel = args.workers > 1 and len(todo) > 1
+    n_workers = min(args.workers, len(todo)) if parallel else 1
+    n_granules = sum(len(u.granules) for u in todo)
+    # torch in pool workers runs on one thread (one worker per core); inline, as it is set
+    torch_threads = (1 if parallel else 0) \
+        if n_granules >= TORCH_CAST_MIN_GRANULES * n_workers else None
+    jobs = [(torch_threads, (args.out_dir, u, granules, mean, std, read_opts, tile,
+                             args.shard_size, args.max_samples_per_shard)) for u in todo]
+    # workers reuse the pages of one band's tile buffers for the next
+    with (compute_stats.pool_context().Pool(n_workers, reuse_freed_memory) if parallel
+          else compute_stats._Inline()) as pool:
         for _ in tqdm(pool.imap_unordered(_unit_job, jobs), total=len(jobs), desc="shards",
                       unit="unit", disable=args.quiet, file=sys.stderr):
             pass
@@ -544,6 +565,8 @@ def step_merge(args, plan, ignored, t0: float) -> int:
 
 def run(args) -> int:
     t0 = time.time()
+    if args.workers > 1 and args.step != "merge":
+        compute_stats.start_pool_server()
     try:
         granules, ignored, plan, read_opts, tile = _discover(args)
         if args.step in ("plan", "all"):

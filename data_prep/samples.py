@@ -160,6 +160,26 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NPY_HEADERS: dict[tuple, bytes] = {}
+
+
+def npy_buffer(shape: tuple[int, ...], dtype) -> tuple[memoryview, np.ndarray]:
+    """An unfilled .npy file in memory: ``(data, payload)``, ``data`` its bytes (a
+    memoryview, as a shard writer takes bytes), ``payload`` a writable C-order array of
+    ``shape`` and ``dtype`` over ``data`` after the header. Once ``payload`` is filled,
+    ``data`` equals ``npy_bytes(payload)``: the array is written in place, with no copy
+    into a file buffer (and no zeroing of the payload first)."""
+    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    head = _NPY_HEADERS.get((shape, dtype.str))
+    if head is None:  # numpy's own header for the shape (written once per shape)
+        full = npy_bytes(np.broadcast_to(np.zeros((), dtype), shape))
+        head = _NPY_HEADERS[shape, dtype.str] = full[:len(full) - dtype.itemsize *
+                                                     int(np.prod(shape))]
+    data = np.empty(len(head) + dtype.itemsize * int(np.prod(shape)), np.uint8)
+    data[:len(head)] = np.frombuffer(head, np.uint8)
+    return memoryview(data), data[len(head):].view(dtype).reshape(shape)
+
+
 _HEADER_CACHE: dict[bytes, tuple] = {}
 
 
@@ -213,13 +233,14 @@ def npy_array(data, where: str = ""):
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
-def encode(key: str, l1: np.ndarray, l2: np.ndarray, geo: np.ndarray, meta: dict) -> dict:
+def encode(key: str, l1: np.ndarray | bytearray, l2: np.ndarray, geo: np.ndarray,
+           meta: dict) -> dict:
     """A sample dict for a shard writer; raises SampleError for a key the format cannot
-    hold (see ``safe_key``)."""
+    hold (see ``safe_key``). ``l1`` may be its .npy bytes already (``npy_buffer``)."""
     check_key(key, "encode")
     return {
         "__key__": key,
-        L1_KEY: npy_bytes(l1.astype(L1_DTYPE, copy=False)),
+        L1_KEY: l1 if isinstance(l1, memoryview) else npy_bytes(l1.astype(L1_DTYPE, copy=False)),
         L2_KEY: npy_bytes(l2.astype(L2_DTYPE, copy=False)),
         GEO_KEY: npy_bytes(geo.astype(GEO_DTYPE, copy=False)),
         META_KEY: json.dumps(meta, sort_keys=True).encode(),

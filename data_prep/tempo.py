@@ -390,8 +390,55 @@ def _has(ds, path: str) -> bool:
         return False
 
 
+# attributes whose decoding only netCDF4's masked path does (scale, offset, ranges, ...)
+_CF_DECODING_ATTRS = frozenset(("scale_factor", "add_offset", "missing_value", "valid_min",
+                                "valid_max", "valid_range", "_Unsigned"))
+_MASK_BLOCK = 1 << 22  # values per block when invalid values are found without netCDF4
+
+
+def _plain_fill(v):
+    """The one value that marks a missing value of ``v``, when netCDF4's CF decoding of
+    ``v`` reduces to "equal to that value" (a numeric variable without scale, offset,
+    ``missing_value``, valid range or ``_Unsigned``; its ``_FillValue`` if that holds exactly
+    in the variable's type, else for types wider than a byte the netCDF default fill),
+    as netCDF4-python's ``_toma`` masks it. None for every other variable: those are
+    decoded by netCDF4 itself."""
+    if v.dtype.kind not in "fiu" or not _CF_DECODING_ATTRS.isdisjoint(v.ncattrs()):
+        return None
+    if "_FillValue" in v.ncattrs():
+        fill = np.asarray(v.getncattr("_FillValue"))
+        try:
+            cast = fill.astype(v.dtype)
+        except (TypeError, ValueError):
+            return None
+        # an inexact or NaN fill: netCDF4 decodes (it may ignore the attribute)
+        return cast.reshape(()) if fill.size == 1 and bool(cast == fill) else None
+    if v.dtype.itemsize == 1:  # byte types: netCDF4 also looks at the no_fill setting
+        return None
+    import netCDF4
+
+    return np.asarray(netCDF4.default_fillvals[v.dtype.str[1:]], v.dtype).reshape(())
+
+
+def _plain_invalid(data: np.ndarray, fill, extra_fill) -> np.ndarray:
+    """Boolean array: ``data`` equal to ``fill`` or ``extra_fill``, or not finite; computed
+    in blocks of ``_MASK_BLOCK`` values (bounded temporaries, cache-sized passes)."""
+    invalid = np.empty(data.shape, bool)
+    flat, out = data.reshape(-1), invalid.reshape(-1)
+    tmp = np.empty(min(flat.size, _MASK_BLOCK), bool)
+    for i in range(0, flat.size, _MASK_BLOCK):
+        d, inv = flat[i:i + _MASK_BLOCK], out[i:i + _MASK_BLOCK]
+        t = tmp[:d.size]
+        np.equal(d, fill, out=inv)
+        if data.dtype.kind == "f":
+            np.logical_or(inv, np.logical_not(np.isfinite(d, out=t), out=t), out=inv)
+        if extra_fill is not None:
+            np.logical_or(inv, np.equal(d, extra_fill, out=t), out=inv)
+    return invalid
+
+
 def read_field(ds, path: str, where: str, rows: slice | None = None,
-               dtype=np.float64, extra_fill: float | None = None
+               dtype=np.float64, extra_fill: float | None = None, mark_invalid: bool = True
                ) -> tuple[np.ndarray, np.ndarray]:
     """Read and decode one variable: ``(values, invalid)``.
 
@@ -399,32 +446,41 @@ def read_field(ds, path: str, where: str, rows: slice | None = None,
     time, L2 values, flags). netCDF4-python applies ``scale_factor``/``add_offset`` and
     masks ``_FillValue``, ``missing_value``, values outside ``valid_min``/``valid_max``/
     ``valid_range`` and, without ``_FillValue``, the netCDF default fill of the type; NaN
-    and Inf are also invalid, as is ``extra_fill`` when given. ``values`` has ``dtype``
-    (None: the variable's own type);
+    and Inf are also invalid, as is ``extra_fill`` when given. A variable whose decoding
+    is only its fill value (radiance, flags and geolocation in NASA files) is read
+    without masked arrays and its fill found here, by netCDF4's rule (:func:`_plain_fill`):
+    the same values and the same invalid set, without the masked copies. ``values`` has
+    ``dtype`` (None: the variable's own type);
     for a float dtype invalid values are NaN, for an integer dtype they hold 0 (use
-    ``invalid``). ``rows`` selects along the first dimension. Raises TempoFileError naming
+    ``invalid``); ``mark_invalid=False`` leaves them as read, for a caller that marks a
+    larger set itself. ``rows`` selects along the first dimension. Raises TempoFileError naming
     the file and variable when the data cannot be read (e.g. a truncated file).
     """
     v = _var(ds, path, where)
-    v.set_auto_maskandscale(True)
-    v.set_always_mask(True)
+    fill = _plain_fill(v)
+    v.set_auto_maskandscale(fill is None)
+    v.set_always_mask(fill is None)
     try:
         a = v[rows] if rows is not None else v[...]
     except (OSError, RuntimeError, IndexError, ValueError) as e:
         raise TempoFileError(where, f"cannot read '{path}' ({e}); the file may be "
                                     "truncated") from None
-    data = np.ma.getdata(a)
-    invalid = np.ma.getmaskarray(a)
-    if data.dtype.kind == "f":
-        invalid = invalid | ~np.isfinite(data)
-    if extra_fill is not None:
-        invalid = invalid | (data == extra_fill)
+    if fill is None:
+        data = np.ma.getdata(a)
+        invalid = np.ma.getmaskarray(a)
+        if data.dtype.kind == "f":
+            invalid = invalid | ~np.isfinite(data)
+        if extra_fill is not None:
+            invalid = invalid | (data == extra_fill)
+    else:
+        data = np.asarray(a)
+        invalid = _plain_invalid(data, fill, extra_fill)
     dtype = data.dtype if dtype is None else np.dtype(dtype)
     if dtype.kind != "f" and data.dtype.kind == "f":
         data = np.where(invalid, 0.0, data)  # fill before a float -> int cast
     out = data.astype(dtype, copy=False)
-    if invalid.any():
-        out[invalid] = np.nan if dtype.kind == "f" else 0
+    if mark_invalid and invalid.any():
+        np.copyto(out, np.nan if dtype.kind == "f" else 0, where=invalid)
     return out, invalid
 
 
@@ -449,6 +505,24 @@ def _mirror_steps(ds, n: int, where: str) -> np.ndarray:
     if bad.any():  # a cut-down file whose coordinate holds fill: positions are unknown
         return np.arange(n, dtype=np.int64)
     return ms
+
+
+def _read_rows(ds, path: str, where: str, m: int, rows_per_read: int,
+               extra_fill: float | None, mark_invalid: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``read_field`` of a (mirror_step, ...) variable as float32: in one read when its
+    decoding is only its fill value (no masked copies, no copy into a second array), else
+    ``rows_per_read`` mirror steps at a time (netCDF4's masked temporaries stay small)."""
+    v = _var(ds, path, where)
+    if _plain_fill(v) is not None:
+        return read_field(ds, path, where, None, np.float32, extra_fill, mark_invalid)
+    out = np.empty(v.shape, np.float32)
+    invalid = np.empty(v.shape, bool)
+    for r0 in range(0, m, rows_per_read):
+        rows = slice(r0, min(m, r0 + rows_per_read))
+        out[rows], invalid[rows] = read_field(ds, path, where, rows, np.float32, extra_fill,
+                                              mark_invalid)
+    return out, invalid
 
 
 GEO_VARIABLES = ("latitude", "longitude", "solar_zenith_angle", "viewing_zenith_angle",
@@ -487,11 +561,12 @@ def read_l1(path: str, band: str = L1_BAND, fill: float | None = None,
     at the darkest channels) are data and are kept. Per-band geolocation that is invalid
     (``_FillValue`` +9.969e36, also written on pixels whose geolocation is invalid) becomes
     NaN. ``radiance_error=True`` also reads ``radiance_error`` (NaN where the radiance is).
-    The file is read ``rows_per_read`` mirror steps at a time to bound memory.
+    The flags are read ``rows_per_read`` mirror steps at a time, and so is the radiance
+    when netCDF4 must decode it (scale, offset, ranges), to bound memory; radiance whose
+    decoding is its fill value only (NASA's) is read in one piece, without a second copy.
     Raises TempoFileError for a missing band, variable or inconsistent shapes.
     """
     ds = _open(path)
-    ds.set_auto_mask(False)  # same values (invalid ones are found below), no masked copy
     try:
         if band not in ds.groups:
             raise TempoFileError(path, f"missing group '{band}' (groups: {sorted(ds.groups)})")
@@ -508,37 +583,41 @@ def read_l1(path: str, band: str = L1_BAND, fill: float | None = None,
         if tuple(pqf_var.shape) not in ((m, x), (m, x, c)):
             raise TempoFileError(path, f"pixel_quality_flag shape {pqf_var.shape} does not "
                                        f"match radiance {rv.shape}")
-        rad = np.empty((m, x, c), np.float32)
-        err = np.empty((m, x, c), np.float32) if radiance_error else None
-        n_bad = 0
-        for r0 in range(0, m, max(1, rows_per_read)):
-            rows = slice(r0, min(m, r0 + rows_per_read))
-            block, bad = read_field(ds, f"{band}/radiance", path, rows, np.float32, fill)
+        step = max(1, rows_per_read)
+        # invalid radiance is marked NaN below, with the flagged values
+        rad, bad = _read_rows(ds, f"{band}/radiance", path, m, step, fill, False)
+        for r0 in range(0, m, step):
+            rows = slice(r0, min(m, r0 + step))
             # the flag's own integer type (an int64 copy of a granule's flags costs more
             # than the test), viewed unsigned so that every bit of the mask is testable
-            pqf, pqf_missing = read_field(ds, f"{band}/pixel_quality_flag", path, rows, None)
+            pqf, flagged = read_field(ds, f"{band}/pixel_quality_flag", path, rows, None,
+                                      mark_invalid=False)
             if pqf.dtype.kind == "i":
                 pqf = pqf.view(pqf.dtype.str.replace("i", "u"))
-            flagged = ((pqf & quality_mask) != 0) | pqf_missing
-            bad |= flagged if flagged.ndim == 3 else flagged[..., None]
-            block[bad] = np.nan
-            rad[rows] = block
-            n_bad += int(bad.sum())
-            if err is not None:
-                e, _ = read_field(ds, f"{band}/radiance_error", path, rows, np.float32)
-                e[bad] = np.nan
-                err[rows] = e
+            if quality_mask & ((1 << 8 * pqf.itemsize) - 1) == (1 << 8 * pqf.itemsize) - 1:
+                set_bits = pqf != 0  # the mask holds every bit of the flag
+            else:
+                set_bits = (pqf & quality_mask) != 0
+            flagged |= set_bits  # a missing flag (its fill) counts as flagged
+            b = bad[rows]
+            b |= flagged if flagged.ndim == 3 else flagged[..., None]
+            np.copyto(rad[rows], np.nan, where=b)
+        n_bad = int(np.count_nonzero(bad))
+        err = None
+        if radiance_error:
+            err, _ = _read_rows(ds, f"{band}/radiance_error", path, m, step, None)
+            np.copyto(err, np.nan, where=bad)
         geo: dict[str, np.ndarray] = {}
         geo_bad = np.zeros((m, x), bool)
         for k in GEO_VARIABLES:
             if k.endswith("azimuth_angle") and not _has(ds, f"{band}/{k}"):
                 geo[k] = np.full((m, x), np.nan, np.float32)
                 continue
-            a, bad = read_field(ds, f"{band}/{k}", path, dtype=np.float32)
+            a, a_bad = read_field(ds, f"{band}/{k}", path, dtype=np.float32)
             if a.shape != (m, x):
                 raise TempoFileError(path, f"'{band}/{k}' shape {a.shape} != grid {(m, x)}")
             geo[k] = a
-            geo_bad |= bad
+            geo_bad |= a_bad
         time = read_field(ds, "time", path)[0] if "time" in ds.variables else \
             np.full(m, np.nan)
         if time.shape != (m,):

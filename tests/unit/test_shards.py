@@ -40,6 +40,72 @@ def test_float16_storage_error_bound():
     assert np.all(np.abs(back - z) <= samples.FLOAT16_REL_ERROR * np.abs(z) + 1e-7)
 
 
+def test_npy_buffer_bytes_equal_numpys():
+    rng = np.random.default_rng(1)
+    for shape, dtype in (((7, 3, 5), np.float16), ((1028, 64, 64), np.float16),
+                         ((4, 2), np.float32), ((3,), np.int64)):
+        data, payload = samples.npy_buffer(shape, dtype)
+        a = rng.normal(size=shape).astype(dtype)
+        payload[...] = a
+        assert bytes(data) == samples.npy_bytes(a)
+        np.testing.assert_array_equal(samples.npy_array(data), a)
+
+
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_float16_cast_bits_equal_numpys(with_torch, monkeypatch):
+    """The cast used for the tiles gives numpy's bits (round to nearest even) over the
+    whole range a tile holds: 0, -0, float16 subnormals and underflow, ties, the clip."""
+    import torch
+
+    from data_prep.granule import _to_float16
+
+    if not with_torch:
+        monkeypatch.delitem(sys.modules, "torch")
+    rng = np.random.default_rng(2)
+    z = np.concatenate([rng.uniform(-10, 10, 200_000), rng.normal(0, 1e-4, 100_000),
+                        rng.normal(0, 1e-7, 1000), [0.0, -0.0, 10.0, -10.0, 2.0**-24,
+                                                    2.0**-25, 1 + 2.0**-11, 1 + 3 * 2.0**-11]]
+                       ).astype(np.float32)
+    ties = (rng.integers(-2**14, 2**14, 10_000) * 2 + 1).astype(np.float32) * 2.0**-11
+    z = np.concatenate([z, ties.astype(np.float32)])
+    out = np.empty(z.shape, np.float16)
+    _to_float16(z, out)
+    np.testing.assert_array_equal(out.view(np.uint16), z.astype(np.float16).view(np.uint16))
+    assert torch.get_num_threads() >= 1
+
+
+def test_tiles_equal_per_tile_normalisation_exactly(synth_dir, monkeypatch):
+    """cut_tiles' band-wise work (in place, reused buffers, one cast per band, row-wise
+    transposes into the .npy bytes) gives exactly the bytes of normalising, filling,
+    casting and transposing each tile on its own, with either float16 cast."""
+    from data_prep.granule import TileOptions, cut_tiles
+
+    found, _ = tempo.discover(tempo.find_files(synth_dir))
+    g = read_granule(sorted(found.values(), key=lambda x: x.gid)[0], ReadOptions())
+    c = g.radiance.shape[-1]
+    rng = np.random.default_rng(3)
+    mean = rng.normal(20, 1, c).astype(np.float32)
+    std = rng.uniform(0.05, 2, c).astype(np.float32)
+    t = TileOptions(size=8, stride=6, min_valid_fraction=0.0)
+    for with_torch in (True, False):
+        if not with_torch:
+            monkeypatch.delitem(sys.modules, "torch", raising=False)
+        n = 0
+        for rec, sample in cut_tiles(g, mean, std, t):
+            if sample is None:
+                continue
+            r, col = rec["row"], rec["col"]
+            rad = g.radiance[r:r + t.size, col:col + t.size]
+            bad = ~np.isfinite(rad)
+            z = normalise(rad, mean, std)
+            z[bad] = 0.0
+            z[bad.sum(-1) / c > t.max_bad_channel_fraction] = 0.0
+            want = np.ascontiguousarray(z.astype(np.float16).transpose(2, 0, 1))
+            assert bytes(sample[samples.L1_KEY]) == samples.npy_bytes(want), rec["key"]
+            n += 1
+        assert n > 4
+
+
 def test_roundtrip_equals_source(synth_dir, shard_dir):
     """Every sample, read with plain tarfile + numpy, equals the source granule within the
     documented float16 tolerance; L2 equals the reader's values exactly (NaN included)."""

@@ -172,6 +172,57 @@ def test_netcdf_default_fill_and_attributes_are_honoured(tmp_path):
     assert f.n_fill == 4 and f.values[0, 1] == 0.5
 
 
+def test_fill_only_variables_decode_as_netcdf4_masks_them(tmp_path):
+    """Variables whose decoding is only a fill value are read without masked arrays; the
+    values and the invalid set are netCDF4's masked read (plus NaN/Inf) for every kind,
+    and variables with other attributes still go through netCDF4."""
+    path = str(tmp_path / "f.nc")
+    rng = np.random.default_rng(0)
+    kinds = {  # name: (type, attributes, expect the fill-only path)
+        "f4_fill": ("f4", {"_FillValue": np.float32(tempo.RAD_FILL)}, True),
+        "f4_default": ("f4", {}, True),
+        "f8_fill": ("f8", {"_FillValue": -1e30}, True),
+        "i2_fill": ("i2", {"_FillValue": np.int16(tempo.PQF_FILL)}, True),
+        "u2_default": ("u2", {}, True),
+        "i1_default": ("i1", {}, False),
+        "f4_nan_fill": ("f4", {"_FillValue": np.float32(np.nan)}, False),
+        "f4_range": ("f4", {"_FillValue": np.float32(-1), "valid_range": [0, 5]}, False),
+        "i2_packed": ("i2", {"_FillValue": np.int16(-9999), "scale_factor": 0.5}, False),
+        "i2_missing": ("i2", {"missing_value": np.int16(7)}, False),
+    }
+    with netCDF4.Dataset(path, "w") as ds:
+        ds.createDimension("m", 6)
+        ds.createDimension("x", 50)
+        for name, (typ, attrs, _) in kinds.items():
+            v = ds.createVariable(name, typ, ("m", "x"),
+                                  fill_value=attrs.pop("_FillValue", None))
+            for k, a in attrs.items():
+                v.setncattr(k, a)
+            v.set_auto_maskandscale(False)
+            data = rng.integers(-3, 9, (5, 50)).astype(typ)
+            if typ[0] == "f":
+                data[0, :3] = [np.nan, np.inf, -np.inf]
+            if "fill" in name:
+                data[1, ::7] = v.getncattr("_FillValue")
+            data[2, 4] = 7
+            v[:5] = data  # row 5 never written: default fill or _FillValue
+    with netCDF4.Dataset(path) as ds:
+        for name, (_, _, plain) in kinds.items():
+            v = ds[name]
+            assert (tempo._plain_fill(v) is not None) == plain, name
+            for rows in (None, slice(1, 4)):
+                v.set_auto_maskandscale(True)
+                v.set_always_mask(True)
+                ref = v[rows] if rows is not None else v[...]
+                want_bad = np.ma.getmaskarray(ref) | ~np.isfinite(np.ma.getdata(ref))
+                got, bad = tempo.read_field(ds, name, path, rows, dtype=None)
+                np.testing.assert_array_equal(bad, want_bad, name)
+                np.testing.assert_array_equal(got[~bad], np.ma.getdata(ref)[~bad], name)
+                assert rows or bad.any(), name  # the data hold invalid values of each kind
+            got, bad = tempo.read_field(ds, name, path, extra_fill=7)  # a decoded value
+            assert bad[2, 4] == (name != "i2_packed") and np.isnan(got[2, 4]) == bad[2, 4]
+
+
 def test_packed_and_missing_value_encodings_read_like_nasa_ones(scan_dir, packed_dir):
     for prod in ("CLDO4", "O3TOT", "HCHO"):
         for i in range(3):
