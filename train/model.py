@@ -36,6 +36,7 @@ from torch import nn
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
 GEOMETRY_FEATURES = ("cos_sza", "cos_vza", "inverse_geometric_amf")
 GEOMETRY_MODES = ("none", "encoder", "head", "both")
+SPECTRAL_INPUTS = ("zscore", "highpass")
 MIN_COS = 0.05  # zenith angles beyond ~87 degrees count as 87 (as train.evaluate's ridge)
 
 
@@ -139,7 +140,26 @@ def _levels(widths: list[int], size: int, cfg, resample, factor: float):
     return nn.Sequential(*blocks), cin
 
 
-class SpectralHighPass(nn.Module):
+class _Float32Buffers(nn.Module):
+    """A fixed spectral transform whose buffers stay float32 under a module-wide cast.
+
+    DeepSpeed's bf16 engine (and ``module.bfloat16()`` / ``.half()``) casts every floating
+    buffer; a bf16 wavelength grid (8-bit mantissa: 2 nm steps at 400 nm) or channel std
+    would distort the small differential structure these transforms exist to expose.
+    ``_apply`` keeps the float32 values and follows only device moves. The transforms
+    compute in float32 and return the dtype of their input."""
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: b for n, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for n, b in kept.items():
+            new = self._buffers[n]
+            if new.dtype != b.dtype:
+                self._buffers[n] = b.to(device=new.device)
+        return self
+
+
+class SpectralHighPass(_Float32Buffers):
     """x (B, C, H, W) z-scores -> (B, C + D + 1, H, W): residual of log I - mean_c after a
     least-squares polynomial of degree D in wavelength, then the D + 1 coefficients, each
     divided by its scale. Buffers: std (C,), wavelength (C,) nm, scale (C + D + 1,)."""
@@ -169,6 +189,10 @@ class SpectralHighPass(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.raw(x) / self.scale[None, :, None, None]).to(x.dtype)
 
+    @property
+    def out_channels(self) -> int:
+        return self.scale.shape[0]
+
     @torch.no_grad()
     def init_scales(self, std: torch.Tensor, wavelength: torch.Tensor, x: torch.Tensor) -> None:
         """Set the channel std and wavelengths (the shards' stats) and the scales: the std of
@@ -180,10 +204,11 @@ class SpectralHighPass(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg, extra_in: int = 0):
+    def __init__(self, cfg, in_channels: int | None = None):
         super().__init__()
         ch = cfg.channels
-        self.conv_in = nn.Conv2d(cfg.in_channels + extra_in, ch[0], 3, padding=1)
+        cin = cfg.in_channels if in_channels is None else in_channels
+        self.conv_in = nn.Conv2d(cin, ch[0], 3, padding=1)
         self.down, cin = _levels(ch, cfg.tile_size, cfg, Downsample, 0.5)
         self.mid = _mid(cin, cfg)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cin, eps=cfg.norm_eps)
@@ -271,12 +296,13 @@ class TempoVAE(nn.Module):
         self.geometry_in_head = mode in ("head", "both")
         self.latent_factor = 2 ** (len(cfg.channels) - 1)
         n_geo = len(GEOMETRY_FEATURES)
-        self.highpass = None
-        extra = n_geo if self.geometry_in_encoder else 0
-        if getattr(cfg, "spectral_input", "zscore") == "highpass":
-            self.highpass = SpectralHighPass(cfg.in_channels, cfg.highpass_degree)
-            extra += cfg.highpass_degree + 1
-        self.encoder = Encoder(cfg, extra)
+        spectral = getattr(cfg, "spectral_input", "zscore")
+        if spectral not in SPECTRAL_INPUTS:
+            raise ValueError(f"model.spectral_input={spectral!r}: must be one of {SPECTRAL_INPUTS}")
+        self.highpass = (SpectralHighPass(cfg.in_channels, cfg.highpass_degree)
+                         if spectral == "highpass" else None)
+        n_in = self.highpass.out_channels if self.highpass is not None else cfg.in_channels
+        self.encoder = Encoder(cfg, n_in + (n_geo if self.geometry_in_encoder else 0))
         self.decoder = Decoder(cfg)
         zc = 2 * cfg.latent_channels if cfg.double_z else cfg.latent_channels
         self.quant_conv = nn.Conv2d(zc, zc, 1)
@@ -306,8 +332,11 @@ class TempoVAE(nn.Module):
         return self._posterior(moments)
 
     def _encoder_input(self, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        xin = self.highpass(x) if self.highpass is not None else x
-        return torch.cat([xin, g], 1) if self.geometry_in_encoder else xin
+        """The encoder's input in the encoder's dtype: the spectral transform runs in
+        float32 on the (float32 or lower) z-scores, then the cast."""
+        dtype = self.encoder.conv_in.weight.dtype
+        xin = (self.highpass(x.float()) if self.highpass is not None else x).to(dtype)
+        return torch.cat([xin, g.to(dtype)], 1) if self.geometry_in_encoder else xin
 
     def init_spectral_scales(self, std, wavelength, x: torch.Tensor) -> None:
         """model.spectral_input='highpass': set the channel std and wavelengths (nm) from the

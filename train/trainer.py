@@ -191,7 +191,11 @@ class Trainer:
                       "parameters cannot be re-entered for a partial backward)")
         # the scheduler is not prepared: see train.optim
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
-        self.in_dtype = torch.bfloat16 if (self.deepspeed and accelerator.mixed_precision == "bf16") \
+        # under DeepSpeed bf16 the engine does not cast inputs: the trainer does, except for
+        # the high-passed input, whose float32 transform must see the shards' float16 values
+        # (bf16 keeps 3 bits fewer); the model casts after the transform
+        self.in_dtype = torch.bfloat16 if (self.deepspeed and accelerator.mixed_precision == "bf16"
+                                           and cfg.model.spectral_input == "zscore") \
             else torch.float32
 
         # posterior sampling noise: a generator per rank, saved with checkpoints

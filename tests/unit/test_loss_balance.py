@@ -258,3 +258,13 @@ def test_highpass_input_holds_what_the_zscores_hold_and_exposes_absorption():
     m.init_spectral_scales(std, wl, x)
     assert torch.equal(m.state_dict()["highpass.scale"], hp.scale)
     assert m.encoder.conv_in.in_channels == c + 4
+    # a module-wide bf16 cast (DeepSpeed's bf16 engine) leaves the transform's buffers float32
+    # and its arithmetic too: the encoder input is the float32 one, cast once at the end
+    ref = m._encoder_input(x, None)
+    m.to(torch.bfloat16)
+    assert m.highpass.wavelength.dtype == torch.float32 and m.highpass.scale.dtype \
+        == torch.float32 and m.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert torch.equal(m.highpass.wavelength, wl) and torch.equal(m.highpass.scale, hp.scale)
+    assert torch.equal(m._encoder_input(x, None), ref.to(torch.bfloat16))
+    # a bf16 wavelength grid would not do: 2 nm steps, the polynomial basis off
+    assert (wl.bfloat16().float() - wl).abs().max() > 0.4
