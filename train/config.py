@@ -45,6 +45,10 @@ class DataConfig:
         "resampled mode: nominal epoch length in samples (0: the number of training samples)")
     shuffle_buffer: int = doc_field(64, "samples held in each worker's shuffle buffer")
     shuffle_initial: int = doc_field(32, "samples buffered before the first one is emitted")
+    l2_transform: str = doc_field("research",
+        "L2 targets' model space (train/transforms.py): 'research' (NO2/HCHO asinh, as the "
+        "research code) or 'linear' (NO2/HCHO centred on the median, scaled by 1.4826 MAD: "
+        "the head's squared error then estimates the truth's mean under zero-mean L2 noise)")
     augment: bool = doc_field(True, "random flips / 90-degree rotations of training tiles")
     seed: int = doc_field(0, "seed of shard order, shuffle buffers and augmentation")
     pin_memory: bool = doc_field(False, "pin batch memory (GPU runs)")
@@ -302,6 +306,8 @@ def validate(cfg: Config) -> None:
              f"level {i} width {w} is not divisible by model.norm_groups={cfg.model.norm_groups}")
     need(cfg.model.tile_size % 2 ** (len(cfg.model.channels) - 1) == 0, "model.tile_size",
          f"must be divisible by 2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)}")
+    need(cfg.data.l2_transform in ("research", "linear"), "data.l2_transform",
+         "must be research or linear")
     need(cfg.model.spectral_input in ("zscore", "highpass"), "model.spectral_input",
          "must be zscore or highpass")
     need(0 <= cfg.model.highpass_degree <= 12, "model.highpass_degree", "must be in 0..12")

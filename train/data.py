@@ -235,7 +235,7 @@ class ShardStream(IterableDataset):
         self.workers = max(1, cfg.num_workers)
         self.slots = self.world * self.workers
         self.batch_size = cfg.batch_size
-        self.transform = transform or L2Transform(shards.stats["l2"])
+        self.transform = transform or L2Transform(shards.stats["l2"], cfg.l2_transform)
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already consumed (resume)
         # elastic resume: samples of this epoch consumed under an earlier layout (shard ->

@@ -225,7 +225,7 @@ def export(source: str, out_dir: str, shards: str | None = None, overwrite: bool
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(dump(cfg))
         atomic_write_json(os.path.join(tmp, "stats.json"), stats)
-        transform = L2Transform(stats["l2"])
+        transform = L2Transform(stats["l2"], cfg.data.l2_transform)
         sizes = read_json(os.path.join(shards, "sizes.json")) \
             if os.path.exists(os.path.join(shards, "sizes.json")) else {}
         info = {
@@ -343,7 +343,8 @@ def read_model_folder(path: str, verify: bool = True) -> tuple[PretrainedInfo, d
     except Exception as e:  # safetensors' own error type
         raise ExportError(f"{weights}: unreadable ({e})") from None
     wl = np.asarray(stats["l1"].get("wavelength_nm", np.full(mean.shape, np.nan)), np.float32)
-    pre = PretrainedInfo(os.path.abspath(path), cfg, mean, std, wl, L2Transform(stats["l2"]),
+    pre = PretrainedInfo(os.path.abspath(path), cfg, mean, std, wl,
+                         L2Transform(stats["l2"], cfg.data.l2_transform),
                          info["tile"], info["read"], info, stats)
     return pre, state
 

@@ -161,10 +161,12 @@ def test_augmentation_keeps_l1_l2_geo_aligned(tmp_path):
     assert len(seen_transforms) > 1  # augmentation did happen
 
 
-def test_l2_transform_roundtrip():
-    stats = {"NO2": {"mad": 2e15, "mean": 0, "std": 1}, "HCHO": {"mad": 4e15, "mean": 0, "std": 1},
+@pytest.mark.parametrize("kind", ["research", "linear"])
+def test_l2_transform_roundtrip(kind):
+    stats = {"NO2": {"mad": 2e15, "median": 1e15, "mean": 0, "std": 1},
+             "HCHO": {"mad": 4e15, "median": 5e15, "mean": 0, "std": 1},
              "O3TOT": {"mad": 10, "mean": 310.0, "std": 25.0}, "CLDO4": {"mad": 0.1}}
-    tr = L2Transform(stats)
+    tr = L2Transform(stats, kind)
     g = torch.Generator().manual_seed(0)
     x = torch.stack([torch.randn(5, 4, 4, generator=g, dtype=torch.float64) * 5e15,
                      300 + 30 * torch.randn(5, 4, 4, generator=g, dtype=torch.float64),
@@ -176,7 +178,18 @@ def test_l2_transform_roundtrip():
     back = tr.inverse(y)
     torch.testing.assert_close(back[1:], x[1:], rtol=1e-9, atol=1e-6)
     with pytest.raises(ValueError, match="l2.NO2.mad"):
-        L2Transform(stats | {"NO2": {"mad": 0.0}})
+        L2Transform(stats | {"NO2": {"mad": 0.0, "median": 0.0}}, kind)
+    if kind == "linear":
+        # NO2/HCHO are affine in physical units: a mean in model space is the physical mean
+        m = tr.forward(x[1:]).mean(dim=0, keepdim=True)
+        torch.testing.assert_close(tr.inverse(m)[0, 0], x[1:, 0].mean(0), rtol=1e-9, atol=1.0)
+        assert tr.params()["no2_centre"] == 1e15
+        with pytest.raises(ValueError, match="l2.HCHO.median"):
+            L2Transform(stats | {"HCHO": {"mad": 4e15, "median": float("nan")}}, kind)
+    else:
+        # asinh: the inverse of the mean in model space is not the physical mean
+        m = tr.forward(x[1:]).mean(dim=0, keepdim=True)
+        assert not torch.allclose(tr.inverse(m)[0, 0], x[1:, 0].mean(0), rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------- bad data
