@@ -44,7 +44,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep import compute_stats, make_shards, samples, synthesize  # noqa: E402
 from data_prep.granule import ReadOptions  # noqa: E402
 from data_prep.tempo import L1_BAND, discover, find_files  # noqa: E402
-from data_prep.util import atomic_write_json, read_json, reuse_freed_memory  # noqa: E402
+from data_prep.util import (  # noqa: E402
+    HelpFormatter,
+    atomic_write_json,
+    read_json,
+    reuse_freed_memory,
+)
 
 RESEARCH_TILES_PER_S = 43.0  # research code, one GPU (bench/README.md, GPU section)
 
@@ -214,7 +219,7 @@ def against_revision(rev: str, gran: str, workdir: str, common: list[str], stats
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--granules", type=int, default=2)
     p.add_argument("--mirror-steps", type=int, default=132)
     p.add_argument("--xtrack", type=int, default=512)

@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep import make_shards, shard_format, synthesize  # noqa: E402
-from data_prep.util import read_json  # noqa: E402
+from data_prep.util import HelpFormatter, read_json  # noqa: E402
 from train.config import DataConfig  # noqa: E402
 from train.data import build_loader  # noqa: E402
 
@@ -96,7 +96,7 @@ def start(spec: str) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--granules", type=int, default=3600, help="granules in the manifest "
                    "(a month of TEMPO: about 3,600)")
     p.add_argument("--tiles-per-granule", type=int, default=64,

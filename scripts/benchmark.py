@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from research_question import pipeline  # noqa: E402
 
 from data_prep.tempo import L2_ORDER  # noqa: E402
+from data_prep.util import HelpFormatter  # noqa: E402
 
 # the fixed data set
 DATA = {"granules": 64, "mirror_steps": 64, "xtrack": 64, "channels": 1028, "tile_size": 16,
@@ -104,13 +105,13 @@ def table(sup: dict, uns: dict) -> tuple[str, dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python scripts/benchmark.py",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("out", help="folder for data, runs and the table")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "training",
                                                     "benchmark.yaml"),
                    help="training config of both runs (its loss.l2_weights = supervised)")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of each run (default: the config's train.steps)")
+                   help="training steps of each run; none given: the config's train.steps")
     p.add_argument("--xsec-dir", default=None,
                    help="real cross-sections and solar spectrum for the synthesis (the "
                         "shared reference data); built-in analytic shapes otherwise")

@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data_prep.tempo import L2_ORDER  # noqa: E402
+from data_prep.util import HelpFormatter  # noqa: E402
 
 
 def run(cmd: list[str]) -> None:
@@ -76,7 +77,7 @@ def compare(sup: dict, uns: dict) -> tuple[str, dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python scripts/research_question.py",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("out", help="folder for data, runs, models and the comparison")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "training", "demo.yaml"),
                    help="training config of both runs (its loss.l2_weights = supervised)")

@@ -24,6 +24,7 @@ import netCDF4
 import numpy as np
 
 from data_prep import synthesize, tempo
+from data_prep.util import HelpFormatter
 
 TROPOMI_FILE = "tropomi_band3_reference_radiance_20230608.nc"
 TROPOMI_SZA = 31.7
@@ -55,7 +56,7 @@ def synthetic(out: str, xsec_dir: str | None, channels: int) -> tuple[np.ndarray
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--reference-dir", default=os.path.join("..", "shared", "reference_data"),
                    help="folder holding the TROPOMI reference radiance and cross-sections")
     p.add_argument("--channels", type=int, default=1028)
