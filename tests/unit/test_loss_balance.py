@@ -138,9 +138,11 @@ def test_benchmark_configs_differ_only_in_the_objective():
     assert parity.loss.l2_weights == [0.1] * 4
     assert new.loss.recon_reduction == "mean" and not new.optim.clip_logvar
     assert new.model.geometry != "none"
+    assert new.data.l2_transform == "linear" and parity.data.l2_transform == "research"
     for section in ("data", "train"):
         a, b = vars(getattr(new, section)).copy(), vars(getattr(parity, section)).copy()
-        a.pop("output_dir", None), b.pop("output_dir", None)
+        for k in ("output_dir", "l2_transform"):
+            a.pop(k, None), b.pop(k, None)
         assert a == b, section
     a, b = vars(new.model).copy(), vars(parity.model).copy()
     for k in ("geometry", "spectral_input"):
