@@ -220,17 +220,18 @@ def against_revision(rev: str, gran: str, workdir: str, common: list[str], stats
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--granules", type=int, default=2)
-    p.add_argument("--mirror-steps", type=int, default=132)
-    p.add_argument("--xtrack", type=int, default=512)
-    p.add_argument("--channels", type=int, default=1028)
+    p.add_argument("--granules", type=int, default=2, help="synthetic RAD + L2 granules")
+    p.add_argument("--mirror-steps", type=int, default=132, help="mirror steps per granule")
+    p.add_argument("--xtrack", type=int, default=512, help="cross-track pixels")
+    p.add_argument("--channels", type=int, default=1028, help="spectral channels")
     p.add_argument("--compress", action="store_true",
                    help="deflate the radiance (level 1, one chunk per mirror step) as NASA's "
                         "RAD files are; the raw read then includes decompression")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="make_shards workers (default: one per core)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workdir", default="/tmp/bench_shards")
+                   help="make_shards workers (one per core)")
+    p.add_argument("--repeats", type=int, default=3, help="timings per figure (best taken)")
+    p.add_argument("--workdir", default="/tmp/bench_shards",
+                   help="granules and shards (granules reused when present)")
     p.add_argument("--against", metavar="GIT_REV", default=None,
                    help="also time make_shards of this git revision, interleaved with this "
                         "tree (fresh processes, best of 2)")
