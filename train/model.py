@@ -316,6 +316,12 @@ class TempoVAE(nn.Module):
     def uses_geometry(self) -> bool:
         return self.geometry_in_encoder or self.geometry_in_head
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the weights (bf16 under DeepSpeed's bf16 engine): inputs of any
+        float dtype are cast to it inside the model, after the float32 spectral transform."""
+        return self.encoder.conv_in.weight.dtype
+
     def _geometry(self, x: torch.Tensor, geo: torch.Tensor | None) -> torch.Tensor | None:
         if not self.uses_geometry:
             return None
@@ -324,7 +330,7 @@ class TempoVAE(nn.Module):
                              "(B, 4, H, W) geo member of the samples")
         if geo.shape[0] != x.shape[0] or geo.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"geo {tuple(geo.shape)} does not match the tiles {tuple(x.shape)}")
-        return geometry_features(geo).to(x.dtype)
+        return geometry_features(geo).to(self.compute_dtype)
 
     def encode(self, x: torch.Tensor, geo: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z|x); ``geo`` (B, 4, H, W) is required when model.geometry feeds the encoder."""
@@ -332,11 +338,12 @@ class TempoVAE(nn.Module):
         return self._posterior(moments)
 
     def _encoder_input(self, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """The encoder's input in the encoder's dtype: the spectral transform runs in
-        float32 on the (float32 or lower) z-scores, then the cast."""
-        dtype = self.encoder.conv_in.weight.dtype
-        xin = (self.highpass(x.float()) if self.highpass is not None else x).to(dtype)
-        return torch.cat([xin, g.to(dtype)], 1) if self.geometry_in_encoder else xin
+        """The encoder's input in ``compute_dtype``: the spectral transform runs in float32
+        on the z-scores (float16 as in the shards, or float32), then the cast; ``g`` comes
+        from ``_geometry``, already in that dtype."""
+        xin = (self.highpass(x.float()) if self.highpass is not None else x) \
+            .to(self.compute_dtype)
+        return torch.cat([xin, g], 1) if self.geometry_in_encoder else xin
 
     def init_spectral_scales(self, std, wavelength, x: torch.Tensor) -> None:
         """model.spectral_input='highpass': set the channel std and wavelengths (nm) from the

@@ -191,12 +191,6 @@ class Trainer:
                       "parameters cannot be re-entered for a partial backward)")
         # the scheduler is not prepared: see train.optim
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
-        # under DeepSpeed bf16 the engine does not cast inputs: the trainer does, except for
-        # the high-passed input, whose float32 transform must see the shards' float16 values
-        # (bf16 keeps 3 bits fewer); the model casts after the transform
-        self.in_dtype = torch.bfloat16 if (self.deepspeed and accelerator.mixed_precision == "bf16"
-                                           and cfg.model.spectral_input == "zscore") \
-            else torch.float32
 
         # posterior sampling noise: a generator per rank, saved with checkpoints
         self.gen = torch.Generator(device=accelerator.device)
@@ -393,7 +387,9 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _batch_to_device(self, batch):
         dev = self.accelerator.device
-        x = batch["l1"].to(dev, non_blocking=True).to(self.in_dtype)
+        # the shards' float16 z-scores as they are: the model casts them to its weights'
+        # dtype (bf16 under DeepSpeed), after its float32 spectral transform
+        x = batch["l1"].to(dev, non_blocking=True)
         return x, batch["l2_t"].to(dev), batch["real"].to(dev), batch["geo"].to(dev)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:

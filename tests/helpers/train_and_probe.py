@@ -27,10 +27,10 @@ def main():
                     generator=g)
     trainer.model.eval()
     with torch.no_grad():
-        out = trainer.model(x.to(trainer.in_dtype), sample=False)
+        out = trainer.model(x, sample=False)  # the model casts to its weights' dtype
     if trainer.is_main:
         torch.save({"x": x, "recon": out["recon"].float(), "l2_pred": out["l2_pred"].float(),
-                    "dtype": str(trainer.in_dtype)}, probe_path)
+                    "dtype": str(trainer.accelerator.unwrap_model(trainer.model).compute_dtype)}, probe_path)
 
 
 if __name__ == "__main__":

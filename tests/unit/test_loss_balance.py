@@ -336,3 +336,23 @@ def test_whitening_lets_adam_find_a_faint_absorption_that_it_misses_on_zscores()
 
     assert adam_r2(z) < 0.2
     assert adam_r2(w) > 0.95 * ceiling
+
+
+def test_a_bf16_model_with_geometry_takes_the_shards_float16_tiles():
+    """Under DeepSpeed's bf16 engine the trainer hands the model the shards' float16
+    z-scores; the model casts them, and the geometry features for encoder and head, to its
+    weights' dtype."""
+    c, t = 16, 4
+    cfg = ModelConfig(in_channels=c, channels=[8, 8], latent_channels=4, head_hidden=[8],
+                      tile_size=t, attn_heads=2, spectral_input="highpass", highpass_degree=2,
+                      geometry="both")
+    m = build_model(cfg, LossConfig())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c, t, t, generator=g)
+    m.init_spectral_scales(torch.ones(c), torch.linspace(300, 480, c), x)
+    geo = torch.stack([torch.zeros(2, t, t), torch.zeros(2, t, t),
+                       torch.full((2, t, t), 30.0), torch.full((2, t, t), 20.0)], 1)
+    m.to(torch.bfloat16)
+    out = m(x.half(), sample=False, geo=geo)
+    assert m.compute_dtype == torch.bfloat16
+    assert out["l2_pred"].dtype == torch.bfloat16 and out["recon"].dtype == torch.bfloat16
