@@ -78,16 +78,17 @@ def load(granules: str, shards: str, max_granules: int | None):
     return z, truth, is_val, ok, shape
 
 
-def whitening(pixels: np.ndarray, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """PCA whitening fitted to ``pixels`` (N, C): (mean (C,), projection (C, C)); the
-    whitened spectrum is (x - mean) @ projection. Each principal component is divided by
-    sqrt(its variance + eps x the largest variance) (eps bounds the gain of pure-noise
-    directions); components in descending order of variance."""
+def whitening(pixels: np.ndarray, eps: float = 1e-6
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA whitening fitted to ``pixels`` (N, C): (mean (C,), projection (C, C), the
+    covariance's eigenvalues (C,), descending); the whitened spectrum is (x - mean) @
+    projection. Each principal component is divided by sqrt(its variance + eps x the
+    largest variance) (eps bounds the gain of pure-noise directions)."""
     p = pixels.astype(np.float64)
     mean = p.mean(0)
     ev, vec = np.linalg.eigh(np.cov((p - mean).T))
     ev, vec = np.clip(ev[::-1], 0, None), vec[:, ::-1]
-    return mean, vec / np.sqrt(ev + eps * ev[0])
+    return mean, vec / np.sqrt(ev + eps * ev[0]), ev
 
 
 def cells(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -159,9 +160,8 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     sub = rng.choice(np.where(tr)[0], min(32768, int(tr.sum())), replace=False)
-    mean, proj = whitening(z[sub])
+    mean, proj, ev = whitening(z[sub])
     w = ((z - mean) @ proj).astype(np.float32)
-    ev = np.linalg.eigvalsh(np.cov(z[sub].T.astype(np.float64)))[::-1]
     inputs = {"z-scores": z, "whitened": w}
     print(f"{int(is_val.size / shape[0] / shape[1])} granules of {shape[0]} x {shape[1]} x "
           f"{z.shape[1]}; {int(tr.sum())} training / {int((ok & is_val).sum())} validation "

@@ -313,7 +313,7 @@ def test_whitening_lets_adam_find_a_faint_absorption_that_it_misses_on_zscores()
     x = (big @ modes + 0.05 * depth[:, None] * band
          + 1e-2 * torch.randn(n, c, generator=g, dtype=torch.float64)).numpy()
     z = (x - x.mean(0)) / x.std(0)
-    mean, proj = probe.whitening(z, eps=1e-12)
+    mean, proj, _ = probe.whitening(z, eps=1e-12)
     w = (z - mean) @ proj
     np.testing.assert_allclose(np.cov(w.T), np.eye(c), atol=0.02)
     t = (depth - depth.mean()) / depth.std()
