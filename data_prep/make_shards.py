@@ -310,8 +310,8 @@ def _check_out_dir(out_dir: str, plan: dict, overwrite: bool) -> None:
                              "even with --overwrite")
     for name in SPLITS + (".done", ".tmp"):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    for name in ("sizes.json", "header.json", "manifest.json", "stats.json", "plan.json",
-                 "units.json"):
+    for name in (shard_format.SIZES, shard_format.HEADER, shard_format.MANIFEST,
+                 shard_format.STATS, "plan.json", "units.json"):
         if os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))
 
