@@ -312,3 +312,56 @@ def retrieval_precision(sampled: dict[str, np.ndarray], wl: np.ndarray,
         out[prod] = np.minimum(out[prod], 1e30)
     out["CLDO4"] = np.full(cf.shape, CLOUD_FRACTION_PRECISION)
     return out
+
+
+SLANT_COLUMN_ABSORBERS = ("no2", "o3", "hcho", "o4")
+
+
+def slant_column_operator(spectra: Spectra, wl: np.ndarray, fwhm_nm: float
+                          ) -> tuple[np.ndarray, list[str]]:
+    """The linear map from a pixel's log radiance to DOAS slant columns.
+
+    For each window of ``RETRIEVAL_WINDOWS`` (NO2 405-465 nm, HCHO 328.5-356.5 nm, O3TOT
+    312-340 nm) a least-squares fit of log I over the window's channels with the
+    slit-convolved cross-sections of ``SLANT_COLUMN_ABSORBERS`` and a closure polynomial of
+    ``CLOSURE_ORDER`` (Beer-Lambert: log I = P(l) - sum_i sigma_i(l) S_i; Platt & Stutz,
+    *Differential Optical Absorption Spectroscopy*, 2008, ch. 8). ``wl`` (C,) is the
+    channels' wavelength grid (nm), ``fwhm_nm`` the slit's full width at half maximum.
+
+    Returns (P, names): P (K, C) float64 with K = 3 windows x 4 absorbers, so that
+    ``P @ log_I`` gives the slant columns S (molecules/cm^2; O2-O2 in units of
+    ``O4_COLUMN_SURFACE``); channels outside a window have weight 0, and an absorber whose
+    cross-section is zero across a window gets a zero row. A constant added to log I (the
+    solar spectrum, a mean spectrum) shifts S by a constant. No Ring pseudo-absorber and no
+    wavelength shift are fitted. ``names`` are 'WINDOW:absorber'. Raises ValueError for a
+    grid that is not 1-D or a window with fewer channels than fitted terms.
+    """
+    wl = np.asarray(wl, np.float64)
+    if wl.ndim != 1:
+        raise ValueError(f"wavelength grid must be 1-D (C,), got shape {wl.shape}")
+    sampled = sample(spectra, wl, fwhm_nm)
+    sampled["o4"] = sampled["o4"] * O4_COLUMN_SURFACE
+    rows, names = [], []
+    for window, (lo, hi) in RETRIEVAL_WINDOWS.items():
+        inside = (wl >= lo) & (wl <= hi)
+        t = (wl[inside] - wl[inside].mean()) / max(np.ptp(wl[inside]), 1e-9) \
+            if inside.any() else wl[inside]
+        xs = [sampled[a][inside] for a in SLANT_COLUMN_ABSORBERS]
+        present = [bool(np.abs(x).max(initial=0.0) > 0) for x in xs]
+        cols = [x for x, p in zip(xs, present, strict=True) if p]
+        cols += [t ** k for k in range(CLOSURE_ORDER[window] + 1)]
+        if inside.sum() < len(cols):
+            raise ValueError(f"window {window} ({lo}-{hi} nm) holds {int(inside.sum())} "
+                             f"channels, fewer than the {len(cols)} fitted terms")
+        a = np.stack(cols, 1)
+        norm = np.abs(a).max(0)
+        fit = np.linalg.pinv(a / norm) / norm[:, None]  # (terms, channels in window)
+        j = 0
+        for absorber, p in zip(SLANT_COLUMN_ABSORBERS, present, strict=True):
+            row = np.zeros(wl.shape[0])
+            if p:
+                row[inside] = -fit[j]  # log I falls by sigma * S
+                j += 1
+            rows.append(row)
+            names.append(f"{window}:{absorber}")
+    return np.stack(rows), names

@@ -5,7 +5,10 @@ Synthesizes a fixed data set (64 granules of 64 x 64 pixels x 1028 channels, see
 model (the config's loss.l2_weights) and the unsupervised one (all weights 0) on it with the
 same seed and steps (one process each), exports and evaluates both against the synthetic
 truth (``train.evaluate``: head, probe protocol, ridge baseline, operational L2), and prints
-one table plus how it was measured. Data are reused when OUT/data/shards exists.
+one table plus how it was measured. Data are reused when OUT/data/shards exists (give the
+same --xsec-dir as when they were made). The model's slant-column fit (model.slant_columns)
+uses the cross-sections the granules were synthesised with: model.xsec_dir is set to
+--xsec-dir, or 'analytic' without it (an override after it wins).
 
     python scripts/benchmark.py runs/benchmark --xsec-dir ../shared/reference_data
     python scripts/benchmark.py runs/bench_parity \\
@@ -130,6 +133,9 @@ def main(argv=None) -> int:
     from train.config import load_config
 
     data = SMOKE if a.smoke else DATA
+    # the model's slant-column fit uses the cross-sections the granules were synthesised with
+    a.overrides = [f"model.xsec_dir={os.path.abspath(a.xsec_dir) if a.xsec_dir else 'analytic'}",
+                   *a.overrides]
     cfg = load_config(a.config, a.overrides)
     steps = a.steps or cfg.train.steps
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
@@ -148,7 +154,8 @@ def main(argv=None) -> int:
            f"{'from ' + a.xsec_dir if a.xsec_dir else 'analytic'}), tiles "
            f"{data['tile_size']} x {data['tile_size']}, {sup['tiles']['train']} train / "
            f"{sup['tiles']['val']} val tiles; config {os.path.relpath(a.config, ROOT)} "
-           f"(loss.l2_weights={weights}, model.geometry={cfg.model.geometry}), {steps} steps "
+           f"(loss.l2_weights={weights}, model.geometry={cfg.model.geometry}, "
+           f"model.slant_columns={cfg.model.slant_columns}), {steps} steps "
            f"of batch {cfg.data.batch_size} per run, one process, "
            f"OMP_NUM_THREADS={threads}, {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}); "
            f"unsupervised = the same config with all L2 weights 0. Cells are "

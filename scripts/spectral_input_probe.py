@@ -2,7 +2,7 @@
 regressions fit by least squares and by Adam, on z-scores and on whitened spectra.
 
     python scripts/spectral_input_probe.py runs/benchmark/data/granules \\
-        runs/benchmark/data/shards
+        runs/benchmark/data/shards --xsec-dir ../shared/reference_data
 
 Reads the RAD files and the synthetic truth of the benchmark's granules (the split of the
 shards' manifest.json: training granules fit, validation granules score), takes log
@@ -10,6 +10,9 @@ radiance, z-scores it with the training pixels' channel mean and std (what the s
 hold), and fits for each product, per pixel, with the truth as target (standardised):
 
 - least squares (ridge, alpha 1e-3 on standardised features): the linear ceiling;
+- with ``--xsec-dir``, least squares on the 12 DOAS slant columns the model computes with
+  model.slant_columns, the 3 geometry features and the columns times 2 / AMF (27 numbers
+  instead of 1028: what that model input makes linear);
 - a linear model and a 1-hidden-layer MLP (64, GELU) trained with AdamW (lr 2e-3, weight
   decay 0.05, batch 2048 pixels, ``--steps`` steps: the trainer's optimiser settings), on
   the z-scores and on the whitened spectra (:func:`whitening` from 32768 training pixels,
@@ -41,13 +44,15 @@ CELL = 4
 
 
 def load(granules: str, shards: str, max_granules: int | None):
-    """(z (N, C) float32, truth (N, 4), is_val (N,), shape (M, X)) for pixels of granules
-    with every channel valid; z from training pixels' mean and std of log radiance."""
+    """(z (N, C) float32, truth (N, 4), is_val (N,), ok (N,), shape (M, X), extra) for the
+    pixels of the granules, ok where every channel is valid; z from training pixels' mean
+    and std of log radiance. extra: std (C,) of that log radiance, wavelength (C,) nm (the
+    first granule's, averaged over cross-track) and geometry (N, 2) SZA, VZA (degrees)."""
     import netCDF4
 
     manifest = json.load(open(os.path.join(shards, "manifest.json")))
     val = set(manifest["splits"].get("val", []))
-    logs, truth, is_val, shape = [], [], [], None
+    logs, truth, is_val, shape, geo, wl = [], [], [], None, [], None
     rads = sorted(glob.glob(os.path.join(granules, "TEMPO_RAD_L1_*.nc")))[:max_granules]
     if not rads:
         sys.exit(f"error: no TEMPO_RAD_L1_*.nc in {granules}")
@@ -61,6 +66,8 @@ def load(granules: str, shards: str, max_granules: int | None):
             sys.exit(f"error: {tpath} not found (truth of {path})")
         l1 = read_l1(path)
         m, x, c = l1.radiance.shape
+        if wl is None:
+            wl = np.asarray(l1.wavelength, np.float64).mean(0)
         if shape not in (None, (m, x)):
             sys.exit(f"error: {path} is {m} x {x}, the others {shape}: cells need one shape")
         shape = (m, x)
@@ -69,13 +76,16 @@ def load(granules: str, shards: str, max_granules: int | None):
         with netCDF4.Dataset(tpath) as ds:
             truth.append(np.stack([np.asarray(ds[TRUTH_VARS[p]][:], np.float64).ravel()
                                    for p in L2_ORDER], 1))
+            geo.append(np.stack([np.asarray(ds[k][:], np.float64).ravel()
+                                 for k in ("sza", "vza")], 1))
         is_val.append(np.full(m * x, g in val))
     x = np.concatenate(logs)
     truth, is_val = np.concatenate(truth), np.concatenate(is_val)
     ok = np.isfinite(x).all(1)
     mean, std = x[ok & ~is_val].mean(0), x[ok & ~is_val].std(0)
     z = np.where(ok[:, None], (x - mean) / std, 0.0).astype(np.float32)
-    return z, truth, is_val, ok, shape
+    return z, truth, is_val, ok, shape, {"std": std, "wavelength": wl,
+                                          "geometry": np.concatenate(geo)}
 
 
 def whitening(pixels: np.ndarray, eps: float = 1e-6
@@ -102,10 +112,11 @@ def r2(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def fit_product(product: str, y: np.ndarray, inputs: dict, z: np.ndarray, tr: np.ndarray,
-                ok: np.ndarray, is_val: np.ndarray, shape: tuple[int, int], steps: int
-                ) -> list[tuple]:
-    """Least squares on z-scores, then Adam linear / MLP on each input, for one product's
-    truth ``y`` (N,); rows (product, model, input, R^2 pixel, R^2 cell) on validation."""
+                ok: np.ndarray, is_val: np.ndarray, shape: tuple[int, int], steps: int,
+                least_squares: dict | None = None) -> list[tuple]:
+    """Least squares on z-scores (and on each of ``least_squares``: name -> (N, k)
+    features), then Adam linear / MLP on each input, for one product's truth ``y`` (N,);
+    rows (product, model, input, R^2 pixel, R^2 cell) on validation."""
     import torch
     from sklearn.linear_model import Ridge
 
@@ -125,6 +136,10 @@ def fit_product(product: str, y: np.ndarray, inputs: dict, z: np.ndarray, tr: np
     fit = tr & fin
     rows = [(product, "least squares", "z-scores",
              *score(Ridge(alpha=1e-3).fit(z[fit], t[fit]).predict(z)))]
+    for name, feats in (least_squares or {}).items():
+        f = (feats - feats[fit].mean(0)) / np.maximum(feats[fit].std(0), 1e-12)
+        rows.append((product, "least squares", name,
+                     *score(Ridge(alpha=1e-3).fit(f[fit], t[fit]).predict(f))))
     for in_name, feats in inputs.items():
         xt, yt = torch.from_numpy(feats[fit]), torch.from_numpy(t[fit])
         for model_name in ("Adam linear", "Adam MLP 64"):
@@ -144,6 +159,27 @@ def fit_product(product: str, y: np.ndarray, inputs: dict, z: np.ndarray, tr: np
     return rows
 
 
+def slant_features(z: np.ndarray, extra: dict, xsec_dir: str, fwhm: float) -> np.ndarray:
+    """(N, 12 + 3 + 12) float64: the DOAS slant columns the model computes with
+    model.slant_columns (``data_prep.physics.slant_column_operator`` on log I - mean),
+    the geometry features (cos SZA, cos VZA, 2 / geometric AMF) and the columns times
+    2 / AMF (a vertical column is a slant column over the air-mass factor)."""
+    import types
+
+    import torch
+
+    from train.model import geometry_features, slant_column_operator_for
+
+    op = slant_column_operator_for(types.SimpleNamespace(xsec_dir=xsec_dir, slit_fwhm_nm=fwhm),
+                                   extra["wavelength"])
+    cols = (z.astype(np.float64) * extra["std"]) @ op.T
+    sza_vza = extra["geometry"].T[:, :, None, None]  # (2, N, 1, 1) -> geo (N, 4, 1, 1)
+    geo = torch.from_numpy(np.concatenate([np.zeros_like(sza_vza), sza_vza], 0)
+                           .transpose(1, 0, 2, 3).copy())
+    g = geometry_features(geo)[:, :, 0, 0].double().numpy()
+    return np.concatenate([cols, g, cols * g[:, 2:3]], 1)
+
+
 def main(argv=None) -> int:
     ap = argument_parser("python scripts/spectral_input_probe.py", __doc__)
     ap.add_argument("granules", help="folder of the benchmark's granules (with truth/)")
@@ -151,11 +187,16 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600, help="Adam steps per fit")
     ap.add_argument("--max-granules", type=int, default=None, help="use the first N granules")
     ap.add_argument("--seed", type=int, default=0, help="seed of the Adam fits")
+    ap.add_argument("--xsec-dir", default=None,
+                    help="cross-sections the granules were synthesised with ('analytic': the "
+                    "built-in shapes): adds least squares on the model's DOAS slant columns "
+                    "(model.slant_columns) with the geometry; none: that row is left out")
+    ap.add_argument("--slit-fwhm", type=float, default=0.6, help="slit FWHM (nm) of those rows")
     a = ap.parse_args(argv)
     import torch
 
     t0 = time.perf_counter()
-    z, truth, is_val, ok, shape = load(a.granules, a.shards, a.max_granules)
+    z, truth, is_val, ok, shape, extra = load(a.granules, a.shards, a.max_granules)
     tr = ok & ~is_val
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -168,9 +209,14 @@ def main(argv=None) -> int:
           f"pixels; z-score covariance eigenvalues {ev[0]:.3g} .. {ev[-1]:.3g} (condition "
           f"number {ev[0] / ev[-1]:.2g}); loaded in {time.perf_counter() - t0:.0f} s",
           flush=True)
+    least_squares = {}
+    if a.xsec_dir:
+        least_squares["slant columns + geometry"] = slant_features(z, extra, a.xsec_dir,
+                                                                   a.slit_fwhm)
     rows = []
     for i, p in enumerate(L2_ORDER):
-        rows += fit_product(p, truth[:, i], inputs, z, tr, ok, is_val, shape, a.steps)
+        rows += fit_product(p, truth[:, i], inputs, z, tr, ok, is_val, shape, a.steps,
+                            least_squares)
         print(f"{p} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     print(f"\nR^2 against the truth, validation granules ({a.steps} Adam steps of batch 2048, "
           "AdamW lr 2e-3 wd 0.05):\n")

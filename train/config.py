@@ -93,6 +93,19 @@ class ModelConfig:
         "viewing geometry from the samples' geo member (cos SZA, cos VZA, 2/geometric air-mass "
         "factor): 'encoder' (extra input channels), 'head' (appended to the head's input per "
         "latent cell), 'both', or 'none' (the research model)")
+    slant_columns: str = doc_field("none",
+        "per-pixel DOAS slant columns of NO2, O3, HCHO and O2-O2 in the NO2, HCHO and O3TOT "
+        "retrieval windows (12 features, a fixed least-squares map of the log radiance; see "
+        "train/model.py): 'encoder', 'head', 'both', or 'none' (the research model)")
+    xsec_dir: str | None = doc_field(None,
+        "folder of laboratory cross-section files for model.slant_columns (the format of "
+        "../shared/reference_data, read by data_prep.physics.Spectra.from_dir), or 'analytic' "
+        "for the built-in shapes synthesize uses without --xsec-dir; read once at the start of "
+        "training, exported models carry the map")
+    slit_fwhm_nm: float = doc_field(0.6,
+        "instrument slit FWHM (nm) the cross-sections are convolved with for "
+        "model.slant_columns (TEMPO: 0.6 nm, Zoogman et al. 2017, JQSRT 186, 17-39; synthesize's "
+        "--slit-fwhm default)")
 
 
 @dataclass
@@ -313,6 +326,12 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.model.highpass_degree <= 12, "model.highpass_degree", "must be in 0..12")
     need(cfg.model.geometry in ("none", "encoder", "head", "both"), "model.geometry",
          "must be none, encoder, head or both")
+    need(cfg.model.slant_columns in ("none", "encoder", "head", "both"), "model.slant_columns",
+         "must be none, encoder, head or both")
+    need(cfg.model.slant_columns == "none" or bool(cfg.model.xsec_dir), "model.xsec_dir",
+         f"model.slant_columns={cfg.model.slant_columns} needs a folder of cross-section files "
+         "(e.g. ../shared/reference_data) or 'analytic'")
+    need(cfg.model.slit_fwhm_nm > 0, "model.slit_fwhm_nm", "must be > 0")
     renamed = {"l1": "abs", "l2": "squared"}  # L1/L2 name TEMPO processing levels here
     need(cfg.loss.recon not in renamed, "loss.recon",
          f"{cfg.loss.recon!r} is now called {renamed.get(cfg.loss.recon)!r}")

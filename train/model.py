@@ -23,20 +23,34 @@ batch (``init_spectral_scales``), so the residual's small differential features 
 scale of the inputs. Together they hold exactly what x holds; the decoder still
 reconstructs x. The channel std, wavelengths and scales are buffers (saved, exported).
 
+Slant columns (``model.slant_columns``): per pixel, the DOAS slant columns of NO2, O3, HCHO
+and O2-O2 fitted by least squares in the operational retrievals' three windows
+(``data_prep.physics.slant_column_operator``, 12 numbers), a fixed linear map of the log
+radiance built once from laboratory cross-sections (``model.xsec_dir``) at the shards'
+wavelengths. Each is centred and scaled on the first training batch. They put the weak
+differential absorption of NO2 and HCHO, which lies in the radiance covariance's
+low-variance directions, on the scale of the other inputs: 'encoder' (extra input
+channels), 'head' (averaged per latent cell, appended to the head's input), 'both' or
+'none' (the research model). The map, centre and scales are buffers (saved, exported).
+
 Everything the loss needs, including the learned reconstruction log-variance, comes out
 of ``forward``: under ZeRO-3 parameters are only whole inside the forward pass.
 """
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
 GEOMETRY_FEATURES = ("cos_sza", "cos_vza", "inverse_geometric_amf")
-GEOMETRY_MODES = ("none", "encoder", "head", "both")
+FEATURE_ROUTES = ("none", "encoder", "head", "both")  # model.geometry, model.slant_columns
 SPECTRAL_INPUTS = ("zscore", "highpass")
+N_SLANT_COLUMNS = 12  # data_prep.physics.slant_column_operator: 3 windows x 4 absorbers
 MIN_COS = 0.05  # zenith angles beyond ~87 degrees count as 87 (as train.evaluate's ridge)
 
 
@@ -203,6 +217,75 @@ class SpectralHighPass(_Float32Buffers):
         self.scale.copy_(r.transpose(0, 1).reshape(r.shape[1], -1).std(1).clamp(min=1e-6))
 
 
+class SlantColumnFit(_Float32Buffers):
+    """x (B, C, H, W) z-scores -> (B, K, H, W) DOAS slant columns, centred and scaled.
+
+    raw: ``operator @ (x * std)`` per pixel, i.e. the operator of
+    ``data_prep.physics.slant_column_operator`` applied to log I - mean_c (molecules/cm^2,
+    up to a constant per column); out: (raw - offset) / scale. Buffers: std (C,), operator
+    (K, C), offset (K,), scale (K,); all zero-effect (operator 0) until
+    :meth:`init_operator`."""
+
+    def __init__(self, channels: int, n_columns: int = N_SLANT_COLUMNS):
+        super().__init__()
+        self.register_buffer("std", torch.ones(channels))
+        self.register_buffer("operator", torch.zeros(n_columns, channels))
+        self.register_buffer("offset", torch.zeros(n_columns))
+        self.register_buffer("scale", torch.ones(n_columns))
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() * self.std.float()[None, :, None, None]
+        return torch.einsum("kc,bchw->bkhw", self.operator, y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = (self.raw(x) - self.offset[None, :, None, None]) / self.scale[None, :, None, None]
+        return f.to(x.dtype)
+
+    @property
+    def out_channels(self) -> int:
+        return self.operator.shape[0]
+
+    @torch.no_grad()
+    def init_operator(self, std: torch.Tensor, operator: torch.Tensor, x: torch.Tensor) -> None:
+        """Set the channel std (the shards' stats), the (K, C) operator and, from the pixels
+        of ``x`` (B, C, H, W), each column's mean (offset) and std (scale, floored so that
+        an all-zero row stays 0). Raises ValueError for an operator of the wrong shape."""
+        op = torch.as_tensor(operator, dtype=torch.float64)
+        if tuple(op.shape) != tuple(self.operator.shape):
+            raise ValueError(f"slant-column operator {tuple(op.shape)}, model expects "
+                             f"{tuple(self.operator.shape)}")
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype))
+        # float64 for the statistics: the raw columns are ~1e16-1e19 molecules/cm^2
+        y = x.double() * self.std.double()[None, :, None, None]
+        r = torch.einsum("kc,bchw->bkhw", op, y).transpose(0, 1).reshape(op.shape[0], -1)
+        self.operator.copy_(op.float())
+        self.offset.copy_(r.mean(1).float())
+        sd = r.std(1)
+        self.scale.copy_(torch.where(sd > 0, sd, torch.ones_like(sd)).float())
+
+
+def slant_column_operator_for(cfg, wavelength_nm) -> np.ndarray:
+    """The (12, C) float64 operator of ``data_prep.physics.slant_column_operator`` for a
+    model section ``cfg``: cross-sections from ``cfg.xsec_dir`` ('analytic': the built-in
+    shapes), convolved with a Gaussian slit of ``cfg.slit_fwhm_nm``, at ``wavelength_nm``
+    (C,) (the shards' stats). Raises FileNotFoundError naming a folder without known
+    cross-section files, ValueError for a grid a window cannot be fitted on."""
+    from data_prep import physics
+
+    if cfg.xsec_dir == "analytic":
+        spectra = physics.Spectra.analytic()
+    elif not os.path.isdir(str(cfg.xsec_dir)):
+        raise FileNotFoundError(f"model.xsec_dir={cfg.xsec_dir!r} is not a folder of "
+                                "cross-section files (or 'analytic')")
+    else:
+        spectra = physics.Spectra.from_dir(cfg.xsec_dir)
+    op, names = physics.slant_column_operator(spectra, np.asarray(wavelength_nm), cfg.slit_fwhm_nm)
+    if op.shape[0] != N_SLANT_COLUMNS:
+        raise ValueError(f"slant-column operator has {op.shape[0]} rows ({names}), the model "
+                         f"{N_SLANT_COLUMNS}")
+    return op
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg, in_channels: int | None = None):
         super().__init__()
@@ -290,24 +373,33 @@ class TempoVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         mode = getattr(cfg, "geometry", "none")
-        if mode not in GEOMETRY_MODES:
-            raise ValueError(f"model.geometry={mode!r}: must be one of {GEOMETRY_MODES}")
+        if mode not in FEATURE_ROUTES:
+            raise ValueError(f"model.geometry={mode!r}: must be one of {FEATURE_ROUTES}")
         self.geometry_in_encoder = mode in ("encoder", "both")
         self.geometry_in_head = mode in ("head", "both")
         self.latent_factor = 2 ** (len(cfg.channels) - 1)
         n_geo = len(GEOMETRY_FEATURES)
+        route = getattr(cfg, "slant_columns", "none")
+        if route not in FEATURE_ROUTES:
+            raise ValueError(f"model.slant_columns={route!r}: must be one of {FEATURE_ROUTES}")
+        self.slant_in_encoder = route in ("encoder", "both")
+        self.slant_in_head = route in ("head", "both")
+        self.slant = (SlantColumnFit(cfg.in_channels) if route != "none" else None)
+        n_slant = self.slant.out_channels if self.slant is not None else 0
         spectral = getattr(cfg, "spectral_input", "zscore")
         if spectral not in SPECTRAL_INPUTS:
             raise ValueError(f"model.spectral_input={spectral!r}: must be one of {SPECTRAL_INPUTS}")
         self.highpass = (SpectralHighPass(cfg.in_channels, cfg.highpass_degree)
                          if spectral == "highpass" else None)
         n_in = self.highpass.out_channels if self.highpass is not None else cfg.in_channels
-        self.encoder = Encoder(cfg, n_in + (n_geo if self.geometry_in_encoder else 0))
+        self.encoder = Encoder(cfg, n_in + (n_geo if self.geometry_in_encoder else 0)
+                               + (n_slant if self.slant_in_encoder else 0))
         self.decoder = Decoder(cfg)
         zc = 2 * cfg.latent_channels if cfg.double_z else cfg.latent_channels
         self.quant_conv = nn.Conv2d(zc, zc, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
-        self.head = L2Head(cfg, n_geo if self.geometry_in_head else 0)
+        self.head = L2Head(cfg, (n_geo if self.geometry_in_head else 0)
+                           + (n_slant if self.slant_in_head else 0))
         # shape (1,), not a 0-dim scalar: DeepSpeed cannot flatten 0-dim bf16 parameters
         self.logvar = nn.Parameter(torch.full((1,), float(logvar_init)),
                                    requires_grad=learn_logvar)
@@ -334,16 +426,27 @@ class TempoVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, geo: torch.Tensor | None = None) -> DiagonalGaussian:
         """q(z|x); ``geo`` (B, 4, H, W) is required when model.geometry feeds the encoder."""
-        moments = self.quant_conv(self.encoder(self._encoder_input(x, self._geometry(x, geo))))
-        return self._posterior(moments)
+        enc_extra, _ = self._side_inputs(x, geo)
+        return self._posterior(self.quant_conv(self.encoder(self._encoder_input(x, enc_extra))))
 
-    def _encoder_input(self, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    def _side_inputs(self, x: torch.Tensor, geo: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-pixel features beside the spectrum, in ``compute_dtype``: (those for the
+        encoder, those for the head), each (B, n, H, W) or None; the geometry features
+        first, then the slant columns (computed in float32)."""
+        g = self._geometry(x, geo)
+        s = self.slant(x.float()).to(self.compute_dtype) if self.slant is not None else None
+        enc = [t for t, on in ((g, self.geometry_in_encoder), (s, self.slant_in_encoder)) if on]
+        head = [t for t, on in ((g, self.geometry_in_head), (s, self.slant_in_head)) if on]
+        return (torch.cat(enc, 1) if enc else None), (torch.cat(head, 1) if head else None)
+
+    def _encoder_input(self, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """The encoder's input in ``compute_dtype``: the spectral transform runs in float32
-        on the z-scores (float16 as in the shards, or float32), then the cast; ``g`` comes
-        from ``_geometry``, already in that dtype."""
+        on the z-scores (float16 as in the shards, or float32), then the cast; ``extra``
+        (the encoder part of ``_side_inputs``) is appended."""
         xin = (self.highpass(x.float()) if self.highpass is not None else x) \
             .to(self.compute_dtype)
-        return torch.cat([xin, g], 1) if self.geometry_in_encoder else xin
+        return torch.cat([xin, extra], 1) if extra is not None else xin
 
     def init_spectral_scales(self, std, wavelength, x: torch.Tensor) -> None:
         """model.spectral_input='highpass': set the channel std and wavelengths (nm) from the
@@ -351,18 +454,26 @@ class TempoVAE(nn.Module):
         if self.highpass is not None:
             self.highpass.init_scales(std, wavelength, x)
 
+    def init_slant_columns(self, std, operator, x: torch.Tensor) -> None:
+        """model.slant_columns: set the channel std (stats.json), the (12, C) operator of
+        ``data_prep.physics.slant_column_operator`` and the columns' centre and scale from a
+        batch x (B, C, H, W); no-op when slant columns are off."""
+        if self.slant is not None:
+            self.slant.init_operator(std, operator, x)
+
     def _posterior(self, moments: torch.Tensor) -> DiagonalGaussian:
         if not self.cfg.double_z:
             return DiagonalGaussian(torch.cat([moments, moments], 1), 0, 0, deterministic=True)
         return DiagonalGaussian(moments, self.cfg.logvar_min, self.cfg.logvar_max)
 
-    def predict_l2(self, z: torch.Tensor, geo_features: torch.Tensor | None = None
+    def predict_l2(self, z: torch.Tensor, head_features: torch.Tensor | None = None
                    ) -> torch.Tensor:
-        """Head output (B, 4, h, w) in model space from latents (and, with geometry in the
-        head, the (B, 3, H, W) geometry features, averaged over each latent cell)."""
-        if self.geometry_in_head:
+        """Head output (B, 4, h, w) in model space from latents z (B, Z, h, w) and, when
+        geometry or slant columns feed the head, their per-pixel features (B, n, H, W) (the
+        head part of ``_side_inputs``), averaged over each latent cell."""
+        if head_features is not None:
             f = self.latent_factor
-            z = torch.cat([z, F.avg_pool2d(geo_features, f) if f > 1 else geo_features], 1)
+            z = torch.cat([z, F.avg_pool2d(head_features, f) if f > 1 else head_features], 1)
         return self.head(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -375,13 +486,13 @@ class TempoVAE(nn.Module):
         required when model.geometry is not 'none' (ValueError otherwise). ``moments`` is
         the encoder's output (B, 2Z, h, w), the tensor every term's gradient enters the
         encoder through (see train.losses.encoder_gradient_shares)."""
-        g = self._geometry(x, geo)
-        moments = self.quant_conv(self.encoder(self._encoder_input(x, g)))
+        enc_extra, head_extra = self._side_inputs(x, geo)
+        moments = self.quant_conv(self.encoder(self._encoder_input(x, enc_extra)))
         post = self._posterior(moments)
         z = post.sample(generator) if sample else post.mode()
         return {
             "recon": self.decode(z),  # (B, C, H, W)
-            "l2_pred": self.predict_l2(z, g),  # (B, 4, h, w) latent grid, same z as decoded
+            "l2_pred": self.predict_l2(z, head_extra),  # (B, 4, h, w) latent grid, same z as decoded
             "moments": moments,
             "mean": post.mean, "logvar": post.logvar,
             "kl": post.kl(),  # (B,)

@@ -39,7 +39,7 @@ from train.data import ERROR_REASONS, build_loader
 from train.errors import EXIT_CHECKPOINT, EXIT_NONFINITE, CheckpointError, NonFiniteError
 from train.losses import NOT_ADDITIVE, StepCounts, build_loss, encoder_gradient_shares
 from train.metrics import ValMetrics
-from train.model import build_model, count_parameters
+from train.model import build_model, count_parameters, slant_column_operator_for
 from train.optim import build_optimizer, lr_lambda
 from train.runtime import install_stop_handlers, stop_signal
 from train.telemetry import NullSink, TensorBoardSink
@@ -150,7 +150,7 @@ class Trainer:
                               "computed from it)")
 
         self.model = (build_model_fn or build_model)(cfg.model, cfg.loss)
-        if cfg.model.spectral_input == "highpass":
+        if cfg.model.spectral_input == "highpass" or cfg.model.slant_columns != "none":
             self._init_spectral_scales()
         self.n_params = count_parameters(self.model)
         self.loss_fn = loss_fn or build_loss(cfg.loss)
@@ -237,20 +237,28 @@ class Trainer:
         return ds
 
     def _init_spectral_scales(self) -> None:
-        """Input scales of model.spectral_input='highpass' from the first training batch as
-        rank 0 of one would read it (identical on every rank; a resume overwrites them with
-        the checkpoint's)."""
-        import dataclasses
-
+        """Buffers of the spectral transforms from the shards' stats and the first training
+        batch as rank 0 of one would read it (identical on every rank; a resume overwrites
+        them with the checkpoint's): the input scales of model.spectral_input='highpass', the
+        slant-column operator of model.slant_columns (cross-sections from model.xsec_dir on
+        the shards' wavelength grid) and its centre and scales."""
+        cfg = self.cfg
         stats = self.train_loader.shards.stats["l1"]
         if "wavelength_nm" not in stats:
-            raise ConfigError(f"model.spectral_input=highpass needs l1.wavelength_nm in "
-                              f"{self.cfg.data.shards}/stats.json")
-        loader = build_loader(dataclasses.replace(self.cfg.data, num_workers=0), "train", 0, 1)
+            what = ("model.spectral_input=highpass" if cfg.model.spectral_input == "highpass"
+                    else f"model.slant_columns={cfg.model.slant_columns}")
+            raise ConfigError(f"{what} needs l1.wavelength_nm in {cfg.data.shards}/stats.json")
+        loader = build_loader(dataclasses.replace(cfg.data, num_workers=0), "train", 0, 1)
         batch = next(iter(loader))
         x = batch["l1"][batch["real"]].float()
-        self.model.init_spectral_scales(torch.tensor(stats["std"]),
-                                        torch.tensor(stats["wavelength_nm"]), x)
+        std, wl = torch.tensor(stats["std"]), torch.tensor(stats["wavelength_nm"])
+        self.model.init_spectral_scales(std, wl, x)
+        if cfg.model.slant_columns != "none":
+            try:
+                operator = slant_column_operator_for(cfg.model, stats["wavelength_nm"])
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"model.slant_columns={cfg.model.slant_columns}: {e}") from None
+            self.model.init_slant_columns(std, torch.from_numpy(operator), x)
 
     # ------------------------------------------------------------------ state
     def _layout(self) -> dict:

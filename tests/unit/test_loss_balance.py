@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -145,10 +146,10 @@ def test_benchmark_configs_differ_only_in_the_objective():
             a.pop(k, None), b.pop(k, None)
         assert a == b, section
     a, b = vars(new.model).copy(), vars(parity.model).copy()
-    for k in ("geometry", "spectral_input"):
+    for k in ("geometry", "spectral_input", "slant_columns", "xsec_dir"):
         a.pop(k), b.pop(k)
     assert a == b
-    assert parity.model.spectral_input == "zscore"
+    assert parity.model.spectral_input == "zscore" and parity.model.slant_columns == "none"
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -196,6 +197,10 @@ def test_training_with_geometry_balance_and_shares_then_export_and_predict(
     model_dir = export(out, str(tmp_path / "model"))
     model = load_pretrained(model_dir)
     assert model.uses_geometry
+    # the slant-column map built at the start (benchmark.yaml: analytic cross-sections) is in
+    # the exported weights, equal to the trained model's
+    assert model.slant is not None and model.slant.operator.abs().sum() > 0
+    assert torch.equal(model.slant.operator, trainer.model.slant.operator.cpu())
     granules, _ = discover(find_files(synth_dir))
     g = next(g for g in granules.values() if g.rad)
     res = predict_granule(model, g.rad)
@@ -226,11 +231,14 @@ def test_benchmark_command_smoke(tmp_path):
     # the conditioning probe runs on the same data and prints every product's rows
     p = subprocess.run([sys.executable, "scripts/spectral_input_probe.py",
                         os.path.join(out, "data", "granules"), os.path.join(out, "data", "shards"),
-                        "--steps", "3"], cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=600)
+                        "--steps", "3", "--xsec-dir", "analytic"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "least" in line]
-    assert [r.split(" | ")[0][2:] for r in rows] == list(L2_ORDER)
+    assert [row.split(" | ")[0][2:] for row in rows if "z-scores" in row] == list(L2_ORDER)
+    assert [row.split(" | ")[0][2:] for row in rows if "slant columns" in row] == list(L2_ORDER)
+    # the benchmark's model took the synthesis' cross-sections (analytic without --xsec-dir)
+    assert "model.xsec_dir=analytic" in r["overrides"]
     assert "condition number" in p.stdout
 
 
@@ -279,6 +287,88 @@ def test_highpass_input_holds_what_the_zscores_hold_and_exposes_absorption():
     assert torch.equal(m._encoder_input(x, None), ref.to(torch.bfloat16))
     # a bf16 wavelength grid would not do: 2 nm steps, the polynomial basis off
     assert (wl.bfloat16().float() - wl).abs().max() > 0.4
+
+
+def test_slant_column_operator_recovers_the_columns_of_a_beer_lambert_spectrum():
+    from data_prep import physics
+
+    wl = np.linspace(290.0, 490.0, 1028)
+    spectra = physics.Spectra.analytic()
+    xs = physics.sample(spectra, wl, 0.6)
+    cols = {"no2": 3e16, "o3": 320 * physics.DU, "hcho": 1.2e16, "o4": 0.8}
+    t = (wl - 390.0) / 100.0
+    log_i = 2.0 - 0.7 * t - sum(xs[k] * (v * (physics.O4_COLUMN_SURFACE if k == "o4" else 1))
+                                for k, v in cols.items())
+    op, names = physics.slant_column_operator(spectra, wl, 0.6)
+    assert op.shape == (12, 1028) and names[:4] == ["NO2:no2", "NO2:o3", "NO2:hcho", "NO2:o4"]
+    got = dict(zip(names, op @ log_i, strict=True))
+    for window in physics.RETRIEVAL_WINDOWS:
+        for k, v in cols.items():
+            assert got[f"{window}:{k}"] == pytest.approx(v, rel=1e-6), (window, k)
+    # only the window's channels count; a constant spectrum added to every pixel (solar
+    # Fraunhofer lines, a mean spectrum) shifts each column by the same constant
+    w = physics.RETRIEVAL_WINDOWS["HCHO"]
+    assert (op[names.index("HCHO:hcho")][(wl < w[0]) | (wl > w[1])] == 0).all()
+    fraunhofer = np.sin(wl / 0.37)
+    shift = op @ fraunhofer
+    assert np.allclose(op @ (log_i + fraunhofer) - op @ log_i, shift)
+    # an absorber without cross-section in a window gets a zero row, the others still fit
+    no_hcho = physics.Spectra(spectra.wl, spectra.no2, spectra.o3, 0 * spectra.hcho, spectra.o4,
+                              spectra.solar, "test")
+    op2, _ = physics.slant_column_operator(no_hcho, wl, 0.6)
+    assert not op2[names.index("HCHO:hcho")].any()
+    assert op2[names.index("HCHO:o3")] @ log_i != 0
+    with pytest.raises(ValueError, match="1-D"):
+        physics.slant_column_operator(spectra, wl[None], 0.6)
+    with pytest.raises(ValueError, match=r"window NO2 \(405.0-465.0 nm\) holds 7 channels, fewer than the 8"):
+        physics.slant_column_operator(spectra, np.linspace(290.0, 490.0, 24), 0.6)
+
+
+@pytest.mark.parametrize("route", ["encoder", "head", "both"])
+def test_slant_columns_feed_the_model_as_configured(route, tmp_path):
+    from train.model import slant_column_operator_for
+
+    c, t = 64, 8
+    cfg = ModelConfig(in_channels=c, channels=[8, 8], latent_channels=4, head_hidden=[8],
+                      tile_size=t, attn_heads=2, slant_columns=route, xsec_dir="analytic")
+    wl = np.linspace(290.0, 490.0, c)
+    op = slant_column_operator_for(cfg, wl)
+    assert op.shape == (12, c)
+    m = build_model(cfg, LossConfig()).eval()
+    assert m.encoder.conv_in.in_channels == c + (12 if route != "head" else 0)
+    assert m.head.net[0].in_channels == 4 + (12 if route != "encoder" else 0)
+    g = torch.Generator().manual_seed(0)
+    std = torch.linspace(0.2, 0.5, c)
+    x = torch.randn(6, c, t, t, generator=g)
+    m.init_slant_columns(std, torch.from_numpy(op), x)
+    f = m.slant(x)
+    raw = torch.einsum("kc,bchw->bkhw", torch.from_numpy(op), x.double() * std.double()[:, None, None])
+    ref = (raw - raw.mean((0, 2, 3), keepdim=True)) / raw.std((0, 2, 3), keepdim=True)
+    assert torch.allclose(f.double(), ref, atol=1e-3)
+    # the head output depends on the columns whichever way they enter
+    a = m(x, sample=False)["l2_pred"]
+    with torch.no_grad():
+        m.slant.offset += m.slant.scale
+    assert not torch.allclose(a, m(x, sample=False)["l2_pred"])
+    # buffers: saved with the weights, float32 under a module-wide bf16 cast
+    assert torch.equal(m.state_dict()["slant.operator"], m.slant.operator)
+    m.to(torch.bfloat16)
+    assert m.slant.operator.dtype == torch.float32 and m.slant.std.dtype == torch.float32
+    assert m(x.half(), sample=False)["l2_pred"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="operator"):
+        m.init_slant_columns(std, torch.zeros(11, c), x)
+    missing = dataclasses.replace(cfg, xsec_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        slant_column_operator_for(missing, wl)
+
+
+def test_slant_columns_need_cross_sections():
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.xsec_dir: model.slant_columns=both needs"):
+        load_config(BENCH, ["model.slant_columns=both", "model.xsec_dir=null"])
+    with pytest.raises(ConfigError, match="model.slant_columns: must be"):
+        load_config(BENCH, ["model.slant_columns=pixels"])
 
 
 
