@@ -31,7 +31,10 @@ wavelengths. Each is centred and scaled on the first training batch. They put th
 differential absorption of NO2 and HCHO, which lies in the radiance covariance's
 low-variance directions, on the scale of the other inputs: 'encoder' (extra input
 channels), 'head' (averaged per latent cell, appended to the head's input), 'both' or
-'none' (the research model). The map, centre and scales are buffers (saved, exported).
+'none' (the research model). With the geometry also in the head, the head further gets
+each column times 2 / geometric air-mass factor (a vertical column is a slant column over
+the air-mass factor), so that this first retrieval step is linear for it. The map, centre
+and scales are buffers (saved, exported).
 
 Everything the loss needs, including the learned reconstruction log-variance, comes out
 of ``forward``: under ZeRO-3 parameters are only whole inside the forward pass.
@@ -398,8 +401,12 @@ class TempoVAE(nn.Module):
         zc = 2 * cfg.latent_channels if cfg.double_z else cfg.latent_channels
         self.quant_conv = nn.Conv2d(zc, zc, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        # with geometry and slant columns both in the head, it also gets their product: the
+        # vertical column of a geometric air-mass factor (VCD = SCD / AMF), linear for the head
+        self.vertical_columns_in_head = self.geometry_in_head and self.slant_in_head
         self.head = L2Head(cfg, (n_geo if self.geometry_in_head else 0)
-                           + (n_slant if self.slant_in_head else 0))
+                           + (n_slant if self.slant_in_head else 0)
+                           + (n_slant if self.vertical_columns_in_head else 0))
         # shape (1,), not a 0-dim scalar: DeepSpeed cannot flatten 0-dim bf16 parameters
         self.logvar = nn.Parameter(torch.full((1,), float(logvar_init)),
                                    requires_grad=learn_logvar)
@@ -433,11 +440,14 @@ class TempoVAE(nn.Module):
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-pixel features beside the spectrum, in ``compute_dtype``: (those for the
         encoder, those for the head), each (B, n, H, W) or None; the geometry features
-        first, then the slant columns (computed in float32)."""
+        first, then the slant columns (computed in float32), then for the head, when both
+        reach it, the slant columns times 2 / geometric AMF (``vertical_columns_in_head``)."""
         g = self._geometry(x, geo)
         s = self.slant(x.float()).to(self.compute_dtype) if self.slant is not None else None
         enc = [t for t, on in ((g, self.geometry_in_encoder), (s, self.slant_in_encoder)) if on]
         head = [t for t, on in ((g, self.geometry_in_head), (s, self.slant_in_head)) if on]
+        if self.vertical_columns_in_head:
+            head.append(s * g[:, 2:3])  # slant column x 2 / geometric AMF
         return (torch.cat(enc, 1) if enc else None), (torch.cat(head, 1) if head else None)
 
     def _encoder_input(self, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:

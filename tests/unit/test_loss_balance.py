@@ -362,6 +362,32 @@ def test_slant_columns_feed_the_model_as_configured(route, tmp_path):
         slant_column_operator_for(missing, wl)
 
 
+@pytest.mark.parametrize("geometry", ["none", "encoder", "head", "both"])
+def test_head_gets_vertical_columns_when_geometry_and_slant_columns_reach_it(geometry):
+    from train.model import slant_column_operator_for
+
+    c, t = 64, 8
+    cfg = ModelConfig(in_channels=c, channels=[8, 8], latent_channels=4, head_hidden=[8],
+                      tile_size=t, attn_heads=2, slant_columns="both", xsec_dir="analytic",
+                      geometry=geometry)
+    m = build_model(cfg, LossConfig()).eval()
+    x, _, geo, _ = batch(b=3, c=c, t=t)
+    m.init_slant_columns(torch.ones(c), torch.from_numpy(
+        slant_column_operator_for(cfg, np.linspace(290.0, 490.0, c))), x)
+    geo_in_head = geometry in ("head", "both")
+    assert m.vertical_columns_in_head == geo_in_head
+    assert m.head.net[0].in_channels == 4 + 12 + (3 + 12 if geo_in_head else 0)
+    enc, head = m._side_inputs(x, geo if geometry != "none" else None)
+    s = m.slant(x)
+    if geo_in_head:
+        g = geometry_features(geo)
+        assert torch.equal(head[:, :3], g) and torch.equal(head[:, 3:15], s)
+        assert torch.allclose(head[:, 15:], s * g[:, 2:3])
+    else:
+        assert torch.equal(head, s)
+    assert enc.shape[1] == 12 + (3 if geometry in ("encoder", "both") else 0)
+
+
 def test_slant_columns_need_cross_sections():
     from train.config import ConfigError
 
