@@ -371,23 +371,25 @@ class L2Head(nn.Module):
         return self.net(z)
 
 
+def _route(cfg, key: str) -> tuple[bool, bool]:
+    """(to the encoder, to the head) for a FEATURE_ROUTES option of the model section
+    (absent: 'none'). Raises ValueError naming the key for another value."""
+    value = getattr(cfg, key, "none")
+    if value not in FEATURE_ROUTES:
+        raise ValueError(f"model.{key}={value!r}: must be one of {FEATURE_ROUTES}")
+    return value in ("encoder", "both"), value in ("head", "both")
+
+
 class TempoVAE(nn.Module):
     def __init__(self, cfg, logvar_init: float = 6.0, learn_logvar: bool = True):
         super().__init__()
         self.cfg = cfg
-        mode = getattr(cfg, "geometry", "none")
-        if mode not in FEATURE_ROUTES:
-            raise ValueError(f"model.geometry={mode!r}: must be one of {FEATURE_ROUTES}")
-        self.geometry_in_encoder = mode in ("encoder", "both")
-        self.geometry_in_head = mode in ("head", "both")
+        self.geometry_in_encoder, self.geometry_in_head = _route(cfg, "geometry")
         self.latent_factor = 2 ** (len(cfg.channels) - 1)
         n_geo = len(GEOMETRY_FEATURES)
-        route = getattr(cfg, "slant_columns", "none")
-        if route not in FEATURE_ROUTES:
-            raise ValueError(f"model.slant_columns={route!r}: must be one of {FEATURE_ROUTES}")
-        self.slant_in_encoder = route in ("encoder", "both")
-        self.slant_in_head = route in ("head", "both")
-        self.slant = (SlantColumnFit(cfg.in_channels) if route != "none" else None)
+        self.slant_in_encoder, self.slant_in_head = _route(cfg, "slant_columns")
+        self.slant = (SlantColumnFit(cfg.in_channels)
+                      if self.slant_in_encoder or self.slant_in_head else None)
         n_slant = self.slant.out_channels if self.slant is not None else 0
         spectral = getattr(cfg, "spectral_input", "zscore")
         if spectral not in SPECTRAL_INPUTS:
