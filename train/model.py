@@ -164,7 +164,13 @@ class _Float32Buffers(nn.Module):
     buffer; a bf16 wavelength grid (8-bit mantissa: 2 nm steps at 400 nm) or channel std
     would distort the small differential structure these transforms exist to expose.
     ``_apply`` keeps the float32 values and follows only device moves. The transforms
-    compute in float32 and return the dtype of their input."""
+    compute in float32 and return the dtype of their input, also inside an autocast region
+    (``train.predict`` on a GPU, Accelerate's mixed precision), which would otherwise run
+    their matrix products in bf16: calls run with autocast off."""
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().__call__(x, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         kept = {n: b for n, b in self._buffers.items() if b is not None}

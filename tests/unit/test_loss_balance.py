@@ -269,6 +269,8 @@ def test_highpass_input_holds_what_the_zscores_hold_and_exposes_absorption():
     corr = torch.corrcoef(torch.stack([r, depth.flatten()]))[0, 1]
     assert corr < -0.95
     scaled = hp(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(hp(x), scaled)
     assert torch.allclose(scaled.flatten(2).std(dim=(0, 2)), torch.ones(c + 4), atol=0.05)
     # in a model: buffers travel with the weights
     cfg = ModelConfig(in_channels=c, channels=[8, 8], latent_channels=4, head_hidden=[8],
@@ -352,6 +354,10 @@ def test_slant_columns_feed_the_model_as_configured(route, tmp_path):
     assert not torch.allclose(a, m(x, sample=False)["l2_pred"])
     # buffers: saved with the weights, float32 under a module-wide bf16 cast
     assert torch.equal(m.state_dict()["slant.operator"], m.slant.operator)
+    # inside an autocast region (predict on a GPU) the transform still computes in float32
+    plain = m.slant(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(m.slant(x), plain)
     m.to(torch.bfloat16)
     assert m.slant.operator.dtype == torch.float32 and m.slant.std.dtype == torch.float32
     assert m(x.half(), sample=False)["l2_pred"].dtype == torch.bfloat16
