@@ -169,6 +169,8 @@ class _Float32Buffers(nn.Module):
     their matrix products in bf16: calls run with autocast off."""
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. 'meta' (FLOP counts)
+            return super().__call__(x, *args, **kwargs)
         with torch.autocast(x.device.type, enabled=False):
             return super().__call__(x, *args, **kwargs)
 
